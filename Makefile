@@ -1,0 +1,40 @@
+# Two entry points on a fresh machine (python3, pip, make):
+#   make run    set up, pull the default model, generate with it
+#   make test   set up, pull the default model, run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= The capital of France is
+ARGS ?=
+
+.PHONY: setup model run test lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+# torch first, pinned to the CPU build on this machine's disk, so that the
+# project's torch>=... is already met and pip never pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(BIN)/ferrolm pull smollm2-135m
+
+run: model
+	$(BIN)/ferrolm run --prompt "$(PROMPT)" $(ARGS)
+
+test: model
+	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest tests -q
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,200 @@
+"""LLMEngine: requests in, one step at a time, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from ferrolm.config import EngineConfig
+from ferrolm.engine.outputs import CompletionOutput, RequestOutput
+from ferrolm.engine.runner import ModelRunner
+from ferrolm.engine.sampler import sample
+from ferrolm.engine.sampling_params import SamplingParams
+from ferrolm.engine.scheduler import Scheduler
+from ferrolm.engine.sequence import Request, Sequence, SeqStatus
+from ferrolm.kv.blocks import BlockManager, blocks_needed
+from ferrolm.kv.dtypes import FORMATS
+from ferrolm.kv.pool import KvPool, num_blocks_for_budget
+from ferrolm.models.loader import load_model
+from ferrolm.models.registry import resolve_model
+from ferrolm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("ferrolm")
+
+COMPUTE_DTYPES = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        path = resolve_model(config.model.name)
+        self.model = load_model(path, COMPUTE_DTYPES[config.model.dtype])
+        mcfg = self.model.config
+        self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
+        self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
+        kv = config.kv_cache
+        self.kv_format = FORMATS[kv.dtype]
+        num_blocks = kv.num_blocks or num_blocks_for_budget(
+            kv.memory_gb, self.kv_format, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size
+        )
+        self.pool = KvPool(
+            self.kv_format, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, num_blocks, kv.block_size,
+            self.model.device,
+        )
+        self.blocks = BlockManager(num_blocks, kv.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        log.info(
+            "model %s | KV dtype %s | %d bytes/token | cache holds %d tokens (%d blocks of %d)",
+            config.model.name, kv.dtype.value, self.pool.bytes_per_token, self.pool.capacity_tokens,
+            num_blocks, kv.block_size,
+        )
+
+    # --- requests ------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Reject what can never run, before anything is allocated."""
+        params.validate()
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens, but max_model_len is {self.max_model_len}: "
+                "it must be shorter to leave room for at least one generated token"
+            )
+        longest = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
+        need = blocks_needed(longest, self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"the request needs up to {longest} tokens of KV cache ({need} blocks), more than the "
+                f"whole cache holds ({self.pool.capacity_tokens} tokens); raise kv_cache memory_gb "
+                "or lower max_tokens"
+            )
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.encode_prompt(prompt)
+        self.check_request(len(ids), params)
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i)
+            seqs.append(
+                Sequence(
+                    seq_id=next(self._seq_ids), request_id=request_id, index=i, token_ids=list(ids),
+                    num_prompt_tokens=len(ids), params=params,
+                    detok=IncrementalDetokenizer(self.tokenizer), generator=gen,
+                )
+            )
+        self.requests[request_id] = Request(
+            request_id, prompt if isinstance(prompt, str) else None, ids, params, seqs
+        )
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+        return self._output(req, {})
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- the step ----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.execute(batch)
+        rows, seqs = [], []
+        for i, item in enumerate(batch):
+            item.seq.num_computed += item.num_new_tokens
+            if item.seq.num_computed == item.seq.num_tokens:
+                rows.append(i)
+                seqs.append(item.seq)
+        if not seqs:
+            return []
+        tokens, logprobs = sample(logits[rows], seqs)
+        deltas: dict[int, str] = {}
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            deltas[seq.seq_id] = self._append_token(seq, token, lp)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [self._output(req, deltas) for req in touched.values()]
+        for req in touched.values():
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> str:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        p = seq.params
+        before = len(seq.text)
+        seq.text += seq.detok.add(token)
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
+            reason = "stop"
+        else:
+            for stop in p.stop:
+                # Only the tail can hold a new match: look back len(stop) + new chars.
+                at = seq.text.find(stop, max(0, before - len(stop)))
+                if at != -1:
+                    seq.text = seq.text[:at]
+                    reason = "stop"
+                    break
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return seq.text[before:]
+
+    def _output(self, req: Request, deltas: dict[int, str]) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.text,
+                token_ids=list(s.output_ids),
+                finish_reason=s.finish_reason,
+                logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+                delta_text=deltas.get(s.seq_id, ""),
+            )
+            for s in req.seqs
+        ]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished)
+
+    # --- introspection -----------------------------------------------------------
+    def stats(self) -> dict[str, object]:
+        running = sum(1 for s in self.scheduler.running if s.status is SeqStatus.RUNNING)
+        return {
+            "kv_dtype": self.kv_format.dtype.value,
+            "kv_bytes_per_token": self.pool.bytes_per_token,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_block_size": self.blocks.block_size,
+            "kv_tokens_capacity": self.pool.capacity_tokens,
+            "kv_pool_bytes": self.pool.nbytes(),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_running": running,
+            "num_waiting": len(self.scheduler.waiting),
+        }

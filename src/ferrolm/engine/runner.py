@@ -1,0 +1,42 @@
+"""Model runner: turns a scheduled batch into tensors and runs the model once."""
+
+from __future__ import annotations
+
+import torch
+
+from ferrolm.attention import AttentionMetadata
+from ferrolm.engine.scheduler import ScheduledSeq
+from ferrolm.kv.pool import KvPool
+from ferrolm.models.llama import LlamaModel
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: KvPool) -> None:
+        self.model = model
+        self.pool = pool
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
+        """Run one step. Returns fp32 logits of each sequence's last new token ([B, V]),
+        or of every new token ([T, V]) when all_logits."""
+        ids, positions, starts, news = [], [], [], []
+        for item in batch:
+            s, n = item.seq.num_computed, item.num_new_tokens
+            ids.extend(item.seq.token_ids[s : s + n])
+            positions.extend(range(s, s + n))
+            starts.append(s)
+            news.append(n)
+        device = self.model.device
+        meta = AttentionMetadata.build(
+            [item.seq.block_table for item in batch], starts, news, self.pool.block_size, device
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            self.pool,
+            meta,
+        )
+        if not all_logits:
+            last = torch.tensor(news, device=device).cumsum(0) - 1
+            hidden = hidden[last]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,92 @@
+"""Paged K/V storage for all layers, sized from a byte budget.
+
+Slots are numbered block * block_size + offset. K and V live in one tensor each,
+[layers, slots, kv_heads, head_dim], in the format's storage dtype, plus one scale
+tensor each ([layers, slots, kv_heads], fp16) for scaled formats. Everything is
+allocated once with torch.empty and released with the pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ferrolm.kv.dtypes import KvFormat
+
+GIB = 1 << 30
+
+
+def kv_bytes_per_token(fmt: KvFormat, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """Whole-model bytes one token takes in the cache: layers x (K, V) x heads x head bytes."""
+    return num_layers * 2 * num_kv_heads * fmt.bytes_per_head(head_dim)
+
+
+def num_blocks_for_budget(
+    memory_gb: float, fmt: KvFormat, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> int:
+    per_block = kv_bytes_per_token(fmt, num_layers, num_kv_heads, head_dim) * block_size
+    return int(memory_gb * GIB) // per_block
+
+
+class KvPool:
+    def __init__(
+        self,
+        fmt: KvFormat,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache has room for no block; raise memory_gb or num_blocks")
+        self.fmt = fmt
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_slots = num_blocks * block_size
+        shape = (num_layers, self.num_slots, num_kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=fmt.storage, device=device)
+        self.v = torch.empty(shape, dtype=fmt.storage, device=device)
+        if fmt.scaled:
+            sshape = shape[:-1]
+            self.k_scale = torch.empty(sshape, dtype=fmt.scale_dtype, device=device)
+            self.v_scale = torch.empty(sshape, dtype=fmt.scale_dtype, device=device)
+        else:
+            self.k_scale = self.v_scale = None
+
+    @property
+    def bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.fmt, self.num_layers, self.num_kv_heads, self.head_dim)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_slots
+
+    def nbytes(self) -> int:
+        """Real bytes held by the pool's tensors."""
+        tensors = [self.k, self.v, self.k_scale, self.v_scale]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize k, v ([tokens, kv_heads, head_dim]) into `slots` of one layer."""
+        kq, ks = self.fmt.quantize(k)
+        vq, vs = self.fmt.quantize(v)
+        # Indexed assignment (index_put_) works for every storage dtype, fp8 included.
+        self.k[layer][slots] = kq
+        self.v[layer][slots] = vq
+        if ks is not None:
+            self.k_scale[layer][slots] = ks
+            self.v_scale[layer][slots] = vs
+
+    def read(
+        self, layer: int, slots: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized K, V of `slots` (any shape S) -> [*S, kv_heads, head_dim] in `dtype`."""
+        k = self.k[layer][slots]
+        v = self.v[layer][slots]
+        ks = self.k_scale[layer][slots] if self.k_scale is not None else None
+        vs = self.v_scale[layer][slots] if self.v_scale is not None else None
+        return self.fmt.dequantize(k, ks, dtype), self.fmt.dequantize(v, vs, dtype)

@@ -1,0 +1,180 @@
+"""Weights from a .gguf file or a Hugging Face safetensors folder.
+
+GGUF tensors are dequantized with the `gguf` package and renamed to Hugging Face
+names; llama.cpp's converter permutes the rows of Q and K for its rotary layout,
+so those are permuted back. Loaded models are kept in a small cache so that
+several engines in one process (tests, a server restarted in-process) share them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+
+SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
+_CACHE: OrderedDict[tuple[str, torch.dtype], LlamaModel] = OrderedDict()
+_CACHE_SIZE = 2
+
+_GGUF_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """Load (or reuse) a model from a .gguf file or a safetensors folder."""
+    path = Path(path).resolve()
+    key = (str(path), dtype)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    if path.is_file() and path.suffix == ".gguf":
+        cfg, weights = read_gguf(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        cfg, weights = read_safetensors_folder(path)
+    else:
+        raise FileNotFoundError(
+            f"model path {path} is neither a .gguf file nor a folder with config.json and safetensors"
+        )
+    model = build_model(cfg, weights, dtype)
+    _CACHE[key] = model
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return model
+
+
+def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> LlamaModel:
+    weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    if "lm_head.weight" not in weights:
+        cfg.tie_word_embeddings = True
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    unexpected = [u for u in unexpected if "rotary_emb" not in u]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model = model.to(dtype)
+    model.inv_freq = rope_inv_freq(cfg)  # meta buffers hold no data; frequencies stay fp32
+    return model.eval().requires_grad_(False)
+
+
+# --- GGUF --------------------------------------------------------------------
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (rotary pairs interleaved -> halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    # Token lists and merges are large and read by the tokenizer, not here.
+    meta = {
+        k: _field_value(f)
+        for k, f in reader.fields.items()
+        if not k.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))
+    }
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path.name}: architecture {arch!r} is not supported (supported: llama family)")
+
+    def m(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = m("attention.head_count")
+    hidden = m("embedding_length")
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(s) for s in reversed(t.shape))
+        tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+    vocab = m("vocab_size") or tensors["token_embd.weight"].shape[0]
+    scaling = None
+    if m("rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": m("rope.scaling.factor")}
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    cfg = LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(m("feed_forward_length")),
+        num_layers=int(m("block_count")),
+        num_heads=int(heads),
+        num_kv_heads=int(m("attention.head_count_kv", heads)),
+        head_dim=int(m("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(m("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(m("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        eos_token_ids=[int(eos)] if eos is not None else [],
+    )
+    weights: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        if name in _GGUF_NAMES:
+            weights[_GGUF_NAMES[name]] = w
+            continue
+        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+        if not match or match.group(2) not in _GGUF_LAYER_NAMES:
+            continue  # e.g. rope_freqs: recomputed from the config
+        layer, part, kind = match.groups()
+        if part == "attn_q":
+            w = _unpermute(w, cfg.num_heads)
+        elif part == "attn_k":
+            w = _unpermute(w, cfg.num_kv_heads)
+        weights[f"layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"] = w
+    return cfg, weights
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # a field the reader cannot decode is not one we need
+        return None
+
+
+# --- safetensors ---------------------------------------------------------------
+def read_safetensors_folder(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    hf = json.loads((path / "config.json").read_text())
+    model_type = hf.get("model_type", "llama")
+    if model_type not in SUPPORTED_ARCHS:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (supported: llama family)")
+    cfg = LlamaConfig.from_hf(hf)
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+    return cfg, weights

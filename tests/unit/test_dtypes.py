@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from ferrolm.kv.dtypes import FORMATS, MIN_SCALE, KvCacheDtype, get_format
+
+SCALED = [d for d, f in FORMATS.items() if f.scaled]
+
+
+def _vectors(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    normal = torch.randn(256, 64, generator=g)
+    outliers = torch.randn(256, 64, generator=g)
+    outliers[:, ::16] *= 50.0  # a few huge channels, as real keys have
+    tiny = torch.randn(64, 64, generator=g) * 1e-6
+    return torch.cat([normal, outliers, tiny])
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("fp16", KvCacheDtype.FP16),
+        ("F16", KvCacheDtype.FP16),
+        ("float16", KvCacheDtype.FP16),
+        ("bfloat16", KvCacheDtype.BF16),
+        ("i8", KvCacheDtype.INT8),
+        ("e4m3", KvCacheDtype.FP8),
+        ("fp8_e4m3", KvCacheDtype.FP8),
+        ("f8e4m3", KvCacheDtype.FP8),
+        ("fp8-e5m2", KvCacheDtype.FP8_E5M2),
+        ("float32", KvCacheDtype.FP32),
+    ],
+)
+def test_parse_aliases(name, expected):
+    assert KvCacheDtype.parse(name) is expected
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        KvCacheDtype.parse("int4")
+    for d in KvCacheDtype:
+        assert d.value in str(e.value)
+
+
+def test_names_serialize_lowercase():
+    assert [str(d) for d in KvCacheDtype] == ["fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2"]
+
+
+def test_bytes():
+    assert [(FORMATS[d].elem_bytes, FORMATS[d].scale_bytes) for d in KvCacheDtype] == [
+        (4, 0), (2, 0), (2, 0), (1, 2), (1, 2), (1, 2)
+    ]
+
+
+def test_int8_error_at_most_half_a_step():
+    fmt = get_format("int8")
+    x = _vectors()
+    q, s = fmt.quantize(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float16
+    err = (fmt.dequantize(q, s) - x).abs()
+    assert (err <= s.float().unsqueeze(-1) / 2 * (1 + 1e-6)).all()
+    # The scale is the fp16 rounding of max|x| / 127, never below 2^-14.
+    expected = (x.abs().amax(-1) / 127).clamp(min=MIN_SCALE).half()
+    assert torch.equal(s, expected)
+
+
+@pytest.mark.parametrize("name,mantissa_bits,min_normal", [("fp8", 3, 2.0**-6), ("fp8_e5m2", 2, 2.0**-14)])
+def test_fp8_error_within_mantissa_bound(name, mantissa_bits, min_normal):
+    fmt = get_format(name)
+    x = _vectors(1)
+    q, s = fmt.quantize(x)
+    err = (fmt.dequantize(q, s) - x).abs()
+    sf = s.float().unsqueeze(-1)
+    # Relative half-ulp for normal values; below min normal, half of the subnormal spacing.
+    rel = 2.0 ** -(mantissa_bits + 1)
+    sub = min_normal * 2.0**-mantissa_bits / 2
+    bound = torch.maximum(rel * x.abs(), sub * sf) * (1 + 1e-6)
+    assert (err <= bound).all()
+    # The largest element of each vector lands on (or next to) qmax: the range is used.
+    top = fmt.dequantize(q, s).abs().amax(-1)
+    assert torch.allclose(top, x.abs().amax(-1), rtol=rel)
+
+
+@pytest.mark.parametrize("dtype", list(KvCacheDtype))
+def test_zeros_and_fp16_max_survive(dtype):
+    fmt = FORMATS[dtype]
+    zeros = torch.zeros(4, 64)
+    q, s = fmt.quantize(zeros)
+    assert torch.equal(fmt.dequantize(q, s), zeros)
+    big = torch.full((4, 64), 65504.0)
+    big[:, 1::2] = -65504.0
+    big[0, 3] = 1.0
+    out = fmt.dequantize(*fmt.quantize(big))
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, :3], big[:, :3], rtol=0.13)
+
+
+@pytest.mark.parametrize("dtype", SCALED)
+def test_scale_never_zero_or_subnormal(dtype):
+    fmt = FORMATS[dtype]
+    _, s = fmt.quantize(torch.zeros(3, 64))
+    assert (s.float() >= MIN_SCALE).all()
+
+
+@pytest.mark.parametrize("dtype", list(KvCacheDtype))
+def test_quantize_is_vectorised_over_leading_dims(dtype):
+    fmt = FORMATS[dtype]
+    x = torch.randn(5, 3, 64)
+    q, s = fmt.quantize(x)
+    assert q.shape == x.shape and q.dtype == fmt.storage
+    if s is not None:
+        assert s.shape == (5, 3)
+    out = fmt.dequantize(q, s, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape

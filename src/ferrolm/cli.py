@@ -16,7 +16,9 @@ import typer
 
 from ferrolm.config import EngineConfig, env_var
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ferrolm: LLM inference with a choice of KV cache dtype.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="ferrolm: LLM inference with a choice of KV cache dtype."
+)
 
 
 def _opt(flag: str, help: str, negatable: bool = False):
@@ -27,9 +29,13 @@ def _opt(flag: str, help: str, negatable: bool = False):
 
 Model = Annotated[Optional[str], _opt("model", "Registry name, .gguf file or HF safetensors folder.")]
 Dtype = Annotated[Optional[str], _opt("dtype", "Compute dtype: auto (bfloat16), float32, bfloat16.")]
-KvDtype = Annotated[Optional[str], _opt("kv-cache-dtype", "KV cache dtype: fp16, bf16, int8, fp8, fp8_e5m2, fp32.")]
+KvDtype = Annotated[
+    Optional[str], _opt("kv-cache-dtype", "KV cache dtype: fp16, bf16, int8, fp8, fp8_e5m2, fp32.")
+]
 KvMem = Annotated[Optional[float], _opt("kv-cache-memory-gb", "KV cache budget in GiB.")]
-KvBlocks = Annotated[Optional[int], _opt("kv-cache-num-blocks", "Explicit KV block count (overrides the budget).")]
+KvBlocks = Annotated[
+    Optional[int], _opt("kv-cache-num-blocks", "Explicit KV block count (overrides the budget).")
+]
 BlockSize = Annotated[Optional[int], _opt("block-size", "Tokens per KV block.")]
 MaxLen = Annotated[Optional[int], _opt("max-model-len", "Longest prompt + completion, in tokens.")]
 MaxSeqs = Annotated[Optional[int], _opt("max-num-seqs", "Most sequences per step.")]
@@ -77,13 +83,22 @@ def run(
     if prompt is None:
         raise typer.BadParameter("give a prompt with --prompt", param_hint="--prompt")
     cfg = engine_config(
-        config, model=model, dtype=dtype, kv_cache_dtype=kv_cache_dtype, kv_cache_memory_gb=kv_cache_memory_gb,
-        kv_cache_num_blocks=kv_cache_num_blocks, block_size=block_size, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        config,
+        model=model,
+        dtype=dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_memory_gb=kv_cache_memory_gb,
+        kv_cache_num_blocks=kv_cache_num_blocks,
+        block_size=block_size,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
     )
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        )
         llm = LLM(config=cfg)
         text_or_ids: str | list[int] = prompt
         if chat:
@@ -93,7 +108,11 @@ def run(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if as_json:
-        typer.echo(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.outputs[0].finish_reason}))
+        typer.echo(
+            json.dumps(
+                {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.outputs[0].finish_reason}
+            )
+        )
     else:
         typer.echo(out.text)
 

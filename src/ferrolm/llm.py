@@ -19,7 +19,9 @@ class LLM:
     override `config`.
     """
 
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs: Any
+    ) -> None:
         config = config or EngineConfig()
         self.config = config.with_flags({"model": model, **kwargs})
         self.engine = LLMEngine(self.config)
@@ -35,7 +37,9 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order; all prompts run as one batch."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):

@@ -47,7 +47,12 @@ def test_names_serialize_lowercase():
 
 def test_bytes():
     assert [(FORMATS[d].elem_bytes, FORMATS[d].scale_bytes) for d in KvCacheDtype] == [
-        (4, 0), (2, 0), (2, 0), (1, 2), (1, 2), (1, 2)
+        (4, 0),
+        (2, 0),
+        (2, 0),
+        (1, 2),
+        (1, 2),
+        (1, 2),
     ]
 
 

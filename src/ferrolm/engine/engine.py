@@ -40,7 +40,12 @@ class LLMEngine:
             kv.memory_gb, self.kv_format, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size
         )
         self.pool = KvPool(
-            self.kv_format, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, num_blocks, kv.block_size,
+            self.kv_format,
+            mcfg.num_layers,
+            mcfg.num_kv_heads,
+            mcfg.head_dim,
+            num_blocks,
+            kv.block_size,
             self.model.device,
         )
         self.blocks = BlockManager(num_blocks, kv.block_size)
@@ -50,8 +55,12 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         log.info(
             "model %s | KV dtype %s | %d bytes/token | cache holds %d tokens (%d blocks of %d)",
-            config.model.name, kv.dtype.value, self.pool.bytes_per_token, self.pool.capacity_tokens,
-            num_blocks, kv.block_size,
+            config.model.name,
+            kv.dtype.value,
+            self.pool.bytes_per_token,
+            self.pool.capacity_tokens,
+            num_blocks,
+            kv.block_size,
         )
 
     # --- requests ------------------------------------------------------------
@@ -96,9 +105,14 @@ class LLMEngine:
                 gen = torch.Generator().manual_seed(params.seed + i)
             seqs.append(
                 Sequence(
-                    seq_id=next(self._seq_ids), request_id=request_id, index=i, token_ids=list(ids),
-                    num_prompt_tokens=len(ids), params=params,
-                    detok=IncrementalDetokenizer(self.tokenizer), generator=gen,
+                    seq_id=next(self._seq_ids),
+                    request_id=request_id,
+                    index=i,
+                    token_ids=list(ids),
+                    num_prompt_tokens=len(ids),
+                    params=params,
+                    detok=IncrementalDetokenizer(self.tokenizer),
+                    generator=gen,
                 )
             )
         self.requests[request_id] = Request(

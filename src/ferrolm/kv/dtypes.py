@@ -54,10 +54,7 @@ _ALIASES: dict[str, KvCacheDtype] = {
         a: KvCacheDtype.FP8
         for a in ("fp8", "fp8_e4m3", "e4m3", "f8e4m3", "fp8e4m3", "float8_e4m3", "float8_e4m3fn")
     },
-    **{
-        a: KvCacheDtype.FP8_E5M2
-        for a in ("fp8_e5m2", "e5m2", "f8e5m2", "fp8e5m2", "float8_e5m2")
-    },
+    **{a: KvCacheDtype.FP8_E5M2 for a in ("fp8_e5m2", "e5m2", "f8e5m2", "fp8e5m2", "float8_e5m2")},
 }
 
 

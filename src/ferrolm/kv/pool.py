@@ -81,9 +81,7 @@ class KvPool:
             self.k_scale[layer][slots] = ks
             self.v_scale[layer][slots] = vs
 
-    def read(
-        self, layer: int, slots: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized K, V of `slots` (any shape S) -> [*S, kv_heads, head_dim] in `dtype`."""
         k = self.k[layer][slots]
         v = self.v[layer][slots]

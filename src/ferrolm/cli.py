@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ferrolm.config import EngineConfig, env_var
+from ferrolm.config import EngineConfig, env_var, explain
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="ferrolm: LLM inference with a choice of KV cache dtype."
@@ -51,7 +51,8 @@ def engine_config(config: Optional[Path], **flags) -> EngineConfig:
     try:
         return EngineConfig.resolve(config, flags=flags)
     except (ValueError, FileNotFoundError) as e:
-        raise typer.BadParameter(str(e)) from e
+        typer.echo(f"error: {explain(e)}", err=True)
+        raise typer.Exit(2) from e
 
 
 @app.command()
@@ -105,7 +106,7 @@ def run(
             text_or_ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         out = llm.generate([text_or_ids], params)[0]
     except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {explain(e)}", err=True)
         raise typer.Exit(2) from e
     if as_json:
         typer.echo(

@@ -109,8 +109,8 @@ class EngineConfig(_Part):
         env = os.environ if env is None else env
         config_file = config_file or env.get(ENV_PREFIX + "CONFIG") or None
         cfg = cls.load(config_file) if config_file else cls()
-        cfg = cfg.with_flags(env_flags(env))
-        return cfg.with_flags(flags or {})
+        given = {k: v for k, v in (flags or {}).items() if v is not None}
+        return cfg.with_flags({**env_flags(env), **given})
 
 
 # LLM keyword / CLI flag name -> (config part, field).
@@ -162,3 +162,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
     return tomllib.loads(text)
+
+
+def explain(error: Exception) -> str:
+    """A one-line-per-problem message for a pydantic ValidationError (or any error)."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(lines)

@@ -29,12 +29,12 @@ run: model
 	$(BIN)/ferrolm run --prompt "$(PROMPT)" $(ARGS)
 
 test: model
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q
 
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -48,7 +48,7 @@ class LLMEngine:
             kv.block_size,
             self.model.device,
         )
-        self.blocks = BlockManager(num_blocks, kv.block_size)
+        self.blocks = BlockManager(num_blocks, kv.block_size, kv.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(self.model, self.pool)
         self.requests: dict[str, Request] = {}
@@ -142,6 +142,7 @@ class LLMEngine:
         rows, seqs = [], []
         for i, item in enumerate(batch):
             item.seq.num_computed += item.num_new_tokens
+            self.blocks.register_full_blocks(item.seq)
             if item.seq.num_computed == item.seq.num_tokens:
                 rows.append(i)
                 seqs.append(item.seq)
@@ -208,6 +209,8 @@ class LLMEngine:
             "kv_block_size": self.blocks.block_size,
             "kv_tokens_capacity": self.pool.capacity_tokens,
             "kv_pool_bytes": self.pool.nbytes(),
+            "prefix_cache_hits": self.scheduler.prefix_cache_hits,
+            "prefix_cache_queries": self.scheduler.prefix_cache_queries,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": running,
             "num_waiting": len(self.scheduler.waiting),

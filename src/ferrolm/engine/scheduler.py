@@ -31,6 +31,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens found cached (their prefill skipped)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -54,11 +56,17 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed + n):
+            cached = self.blocks.lookup(seq.token_ids)
+            num_cached = len(cached) * self.blocks.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if self.blocks.blocks_to_admit(cached, num_cached + n) > self.blocks.num_free:
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, seq.num_computed + n)
+            if self.blocks.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += num_cached
+            self.blocks.take_cached(seq, cached)
+            self.blocks.grow(seq, num_cached + n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, n))

@@ -29,6 +29,7 @@ class Sequence:
     generator: torch.Generator | None = None
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)

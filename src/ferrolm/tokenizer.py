@@ -79,7 +79,7 @@ class IncrementalDetokenizer:
     multi-byte character split over several tokens is never emitted in halves.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
@@ -97,3 +97,12 @@ class IncrementalDetokenizer:
             self.text += delta
             return delta
         return ""
+
+    def flush(self) -> str:
+        """Text still held back (an incomplete character at the very end)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        delta = full[len(prefix) :]
+        self.text += delta
+        return delta

@@ -161,28 +161,37 @@ class LLMEngine:
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> str:
+        """Append a sampled token, update the text, finish the sequence if it is done.
+        Returns the new text that is safe to stream: stop strings are cut off, and a tail
+        that could be the start of a stop string is held back until it is decided."""
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
         p = seq.params
         before = len(seq.text)
-        seq.text += seq.detok.add(token)
-        reason = None
+        reason: str | None = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.tokenizer.eos_token_ids):
             reason = "stop"
-        else:
-            for stop in p.stop:
-                # Only the tail can hold a new match: look back len(stop) + new chars.
-                at = seq.text.find(stop, max(0, before - len(stop)))
-                if at != -1:
-                    seq.text = seq.text[:at]
-                    reason = "stop"
-                    break
-        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        seq.text += seq.detok.add(token)
+        if reason is not None:
+            seq.text += seq.detok.flush()  # the last token may end in an incomplete character
+        for stop in p.stop:
+            # Only the tail can hold a new match: look back len(stop) before the new text.
+            at = seq.text.find(stop, max(0, before - len(stop) + 1))
+            if at != -1:
+                seq.text = seq.text[:at]
+                reason = "stop"
+                break
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return seq.text[before:]
+            ready = len(seq.text)
+        else:
+            ready = len(seq.text) - _partial_stop_len(seq.text, p.stop)
+        delta = seq.text[seq.num_streamed : ready]
+        seq.num_streamed = max(seq.num_streamed, ready)
+        return delta
 
     def _output(self, req: Request, deltas: dict[int, str]) -> RequestOutput:
         outs = [
@@ -215,3 +224,14 @@ class LLMEngine:
             "num_running": running,
             "num_waiting": len(self.scheduler.waiting),
         }
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best

@@ -34,6 +34,7 @@ class Sequence:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] = field(default_factory=list)
     text: str = ""  # generated text, stop strings cut off
+    num_streamed: int = 0  # characters of `text` already handed out as deltas
 
     @property
     def num_tokens(self) -> int:

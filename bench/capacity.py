@@ -72,7 +72,9 @@ def run_dtype(args, dtype: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtype", default="auto", help="compute dtype")
+    ap.add_argument(
+        "--dtype", default="float32", help="compute dtype (float32: bf16 matmuls are slow on AVX2-only CPUs)"
+    )
     ap.add_argument("--dtypes", default="fp16,bf16,int8,fp8,fp8_e5m2", help="KV dtypes, comma separated")
     ap.add_argument("--memory-gb", type=float, default=0.6)
     ap.add_argument("--requests", type=int, default=64)

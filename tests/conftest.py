@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (serving.py) import as top-level modules
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -45,7 +48,13 @@ def _tiny_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([sotu_text()[:20000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=template
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""ferrolm command line: run | pull | list.
+"""ferrolm command line: run | serve | config | pull | list.
 
 Every flag has an environment variable, FERROLM_ + the flag in upper case with
 dashes as underscores. Precedence: flag > env > config file > default.
@@ -6,133 +6,214 @@ dashes as underscores. Precedence: flag > env > config file > default.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-from pathlib import Path
-from typing import Annotated, Optional
 
-import typer
+import click
 
-from ferrolm.config import EngineConfig, env_var, explain
-
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="ferrolm: LLM inference with a choice of KV cache dtype."
-)
+from ferrolm.config import ENGINE_FLAGS, EngineConfig, env_var, explain
 
 
-def _opt(flag: str, help: str, negatable: bool = False):
-    """A typer option whose env var follows the FERROLM_<FLAG> rule."""
-    decl = f"--{flag}/--no-{flag}" if negatable else f"--{flag}"
-    return typer.Option(decl, envvar=env_var(flag), help=help, show_envvar=True)
+def option(flag: str, *dest: str, **kw):
+    """A click option whose env var follows the FERROLM_<FLAG> rule."""
+    name = flag.split("/")[0].removeprefix("--")
+    return click.option(flag, *dest, envvar=env_var(name), show_envvar=True, **kw)
 
 
-Model = Annotated[Optional[str], _opt("model", "Registry name, .gguf file or HF safetensors folder.")]
-Dtype = Annotated[Optional[str], _opt("dtype", "Compute dtype: auto (bfloat16), float32, bfloat16.")]
-KvDtype = Annotated[
-    Optional[str], _opt("kv-cache-dtype", "KV cache dtype: fp16, bf16, int8, fp8, fp8_e5m2, fp32.")
+ENGINE_OPTIONS = [
+    option(
+        "--model",
+        default=None,
+        help="Registry name, .gguf file or HF safetensors folder [default: smollm2-135m].",
+    ),
+    option("--dtype", default=None, help="Compute dtype: auto (bfloat16), float32, bfloat16."),
+    option(
+        "--kv-cache-dtype",
+        default=None,
+        help="KV cache dtype: fp16 (default), bf16, int8, fp8, fp8_e5m2, fp32.",
+    ),
+    option("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB [default: 2]."),
+    option(
+        "--kv-cache-num-blocks",
+        type=int,
+        default=None,
+        help="Explicit KV block count (overrides the budget).",
+    ),
+    option("--block-size", type=int, default=None, help="Tokens per KV block [default: 16]."),
+    option(
+        "--max-model-len", type=int, default=None, help="Longest prompt + completion [default: the model's]."
+    ),
+    option("--max-num-seqs", type=int, default=None, help="Most sequences per step [default: 64]."),
+    option("--max-num-batched-tokens", type=int, default=None, help="Most tokens per step [default: 512]."),
+    option(
+        "--enable-prefix-caching/--no-enable-prefix-caching",
+        default=None,
+        help="Reuse cached prompt prefixes.",
+    ),
+    option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Config file (.toml/.yaml/.json).",
+    ),
 ]
-KvMem = Annotated[Optional[float], _opt("kv-cache-memory-gb", "KV cache budget in GiB.")]
-KvBlocks = Annotated[
-    Optional[int], _opt("kv-cache-num-blocks", "Explicit KV block count (overrides the budget).")
-]
-BlockSize = Annotated[Optional[int], _opt("block-size", "Tokens per KV block.")]
-MaxLen = Annotated[Optional[int], _opt("max-model-len", "Longest prompt + completion, in tokens.")]
-MaxSeqs = Annotated[Optional[int], _opt("max-num-seqs", "Most sequences per step.")]
-MaxTokens = Annotated[Optional[int], _opt("max-num-batched-tokens", "Most tokens per step.")]
-Prefix = Annotated[
-    Optional[bool], _opt("enable-prefix-caching", "Reuse cached prompt prefixes.", negatable=True)
-]
-ConfigFile = Annotated[Optional[Path], _opt("config", "Config file (.toml, .yaml or .json).")]
 
 
-def engine_config(config: Optional[Path], **flags) -> EngineConfig:
-    """Files < env < flags. Typer already merged env into flags; resolve() adds the file."""
+def engine_options(f):
+    """Adds the engine flags; the command gets `config: EngineConfig` instead of them."""
+
+    @functools.wraps(f)
+    def wrapper(*args, config_file=None, **kwargs):
+        flags = {k: kwargs.pop(k) for k in list(kwargs) if k in ENGINE_FLAGS}
+        try:
+            cfg = EngineConfig.resolve(config_file, flags=flags)
+        except (ValueError, FileNotFoundError) as e:
+            fail(explain(e))
+        return f(*args, config=cfg, **kwargs)
+
+    for opt in reversed(ENGINE_OPTIONS):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def app() -> None:
+    """ferrolm: LLM inference with a choice of KV cache dtype."""
+
+
+def make_llm(config: EngineConfig):
+    from ferrolm.llm import LLM
+
     try:
-        return EngineConfig.resolve(config, flags=flags)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {explain(e)}", err=True)
-        raise typer.Exit(2) from e
+        return LLM(config=config)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        fail(explain(e))
 
 
 @app.command()
-def run(
-    prompt: Annotated[Optional[str], _opt("prompt", "Prompt text.")] = None,
-    max_tokens: Annotated[int, _opt("max-tokens", "Most tokens to generate.")] = 128,
-    temperature: Annotated[float, _opt("temperature", "0 is greedy.")] = 0.0,
-    top_p: Annotated[float, _opt("top-p", "Nucleus sampling mass.")] = 1.0,
-    top_k: Annotated[int, _opt("top-k", "Sample among the k most likely (-1: off).")] = -1,
-    seed: Annotated[Optional[int], _opt("seed", "Sampling seed.")] = None,
-    chat: Annotated[bool, _opt("chat", "Apply the model's chat template.")] = False,
-    as_json: Annotated[bool, _opt("json", "Print a JSON object with text and token_ids.")] = False,
-    model: Model = None,
-    dtype: Dtype = None,
-    kv_cache_dtype: KvDtype = None,
-    kv_cache_memory_gb: KvMem = None,
-    kv_cache_num_blocks: KvBlocks = None,
-    block_size: BlockSize = None,
-    max_model_len: MaxLen = None,
-    max_num_seqs: MaxSeqs = None,
-    max_num_batched_tokens: MaxTokens = None,
-    enable_prefix_caching: Prefix = None,
-    config: ConfigFile = None,
-) -> None:
-    """Generate a completion for a prompt."""
+@option("--prompt", default=None, help="Prompt text; without it, an interactive chat starts.")
+@option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
+@option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@option("--top-k", type=int, default=-1, show_default=True, help="Sample among the k most likely (-1: off).")
+@option("--seed", type=int, default=None, help="Sampling seed.")
+@option("--chat", is_flag=True, default=False, help="Apply the model's chat template to --prompt.")
+@option("--json", "as_json", is_flag=True, default=False, help="Print a JSON object with text and token_ids.")
+@engine_options
+def run(prompt, max_tokens, temperature, top_p, top_k, seed, chat, as_json, config) -> None:
+    """Generate a completion for a prompt, or chat interactively."""
     from ferrolm.engine.sampling_params import SamplingParams
-    from ferrolm.llm import LLM
 
-    if prompt is None:
-        raise typer.BadParameter("give a prompt with --prompt", param_hint="--prompt")
-    cfg = engine_config(
-        config,
-        model=model,
-        dtype=dtype,
-        kv_cache_dtype=kv_cache_dtype,
-        kv_cache_memory_gb=kv_cache_memory_gb,
-        kv_cache_num_blocks=kv_cache_num_blocks,
-        block_size=block_size,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        enable_prefix_caching=enable_prefix_caching,
-    )
     try:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
         )
-        llm = LLM(config=cfg)
-        text_or_ids: str | list[int] = prompt
-        if chat:
-            text_or_ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        out = llm.generate([text_or_ids], params)[0]
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {explain(e)}", err=True)
-        raise typer.Exit(2) from e
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.outputs[0].finish_reason}
-            )
+    except ValueError as e:
+        fail(str(e))
+    llm = make_llm(config)
+    if prompt is None:
+        return interactive_chat(llm, params)
+    try:
+        text_or_ids = (
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         )
+        out = llm.generate([text_or_ids], params)[0]
+    except ValueError as e:
+        fail(str(e))
+    if as_json:
+        c = out.outputs[0]
+        click.echo(json.dumps({"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}))
     else:
-        typer.echo(out.text)
+        click.echo(out.text)
+
+
+def interactive_chat(llm, params) -> None:
+    """A REPL: each line is a user turn; the reply streams as it is generated."""
+    history: list[dict[str, str]] = []
+    eng = llm.engine
+    click.echo("ferrolm chat. Ctrl-D or /exit to quit, /reset to forget the conversation.", err=True)
+    turn = 0
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            ids = eng.tokenizer.apply_chat_template(history)
+            eng.add_request(f"chat-{turn}", ids, params)
+        except ValueError as e:
+            history.pop()
+            click.echo(f"error: {e}", err=True)
+            continue
+        turn += 1
+        reply = ""
+        while eng.has_unfinished():
+            for out in eng.step():
+                click.echo(out.outputs[0].delta_text, nl=False)
+                reply = out.text
+        click.echo("")
+        history.append({"role": "assistant", "content": reply})
 
 
 @app.command()
-def pull(name: Annotated[str, typer.Argument(help="Registry model name.")] = "smollm2-135m") -> None:
+@option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
+)
+@option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*.")
+@option("--served-model-name", default=None, help="Model id clients use [default: the --model string].")
+@option("--log-level", default="info", show_default=True, help="uvicorn log level.")
+@engine_options
+def serve(host, port, api_key, served_model_name, log_level, config) -> None:
+    """Serve the OpenAI API (completions, chat, models, health, metrics)."""
+    import uvicorn
+
+    from ferrolm.server.app import create_app
+
+    llm = make_llm(config)
+    app_ = create_app(llm.engine, served_model_name or config.model.name, api_key)
+    uvicorn.run(app_, host=host, port=port, log_level=log_level)
+
+
+@app.command("config")
+@option("--format", "fmt", type=click.Choice(["toml", "yaml", "json"]), default="toml", show_default=True)
+@engine_options
+def show_config(fmt, config) -> None:
+    """Print the effective config after files, env and flags are merged."""
+    click.echo(config.dumps(fmt), nl=False)
+
+
+@app.command()
+@click.argument("name", default="smollm2-135m")
+def pull(name: str) -> None:
     """Fetch a registry model into FERROLM_HOME (checks its sha256)."""
     from ferrolm.models.registry import REGISTRY
     from ferrolm.models.registry import pull as do_pull
 
     if name not in REGISTRY:
-        typer.echo(f"error: unknown model {name!r}; known: {', '.join(REGISTRY)}", err=True)
-        raise typer.Exit(2)
+        fail(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
     try:
         path = do_pull(name)
     except RuntimeError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from e
-    typer.echo(f"{name}: {path}")
+        fail(str(e), 1)
+    click.echo(f"{name}: {path}")
 
 
 @app.command("list")
@@ -140,12 +221,12 @@ def list_models() -> None:
     """Show registry models and which are on disk."""
     from ferrolm.models.registry import REGISTRY, local_path
 
-    typer.echo(f"{'NAME':<16} {'SIZE':>9}  {'STATUS':<10} DESCRIPTION")
+    click.echo(f"{'NAME':<16} {'SIZE':>9}  {'STATUS':<10} DESCRIPTION")
     for name, entry in REGISTRY.items():
         path = local_path(name)
         size = f"{path.stat().st_size / 1e6:.0f} MB" if path else "-"
         status = "pulled" if path else "not pulled"
-        typer.echo(f"{name:<16} {size:>9}  {status:<10} {entry.description}")
+        click.echo(f"{name:<16} {size:>9}  {status:<10} {entry.description}")
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 import hashlib
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from ferrolm.cli import app
 from ferrolm.models.registry import REGISTRY

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from ferrolm.cli import app
 
@@ -42,8 +42,31 @@ def test_run_errors(tiny_args):
     assert res.exit_code == 2 and "neither a known name" in res.output
     res = runner.invoke(app, ["run", "--prompt", "x", "--temperature", "-1", *tiny_args])
     assert res.exit_code == 2 and "temperature" in res.output
-    res = runner.invoke(app, ["run", *tiny_args])
-    assert res.exit_code != 0 and "--prompt" in res.output
+    res = runner.invoke(app, ["run", "--prompt", "x", "--kv-cache-num-blocks", "0", *tiny_args])
+    assert res.exit_code == 2 and "num_blocks" in res.output
+
+
+def test_interactive_chat_keeps_the_conversation(tiny_args):
+    res = runner.invoke(
+        app, ["run", "--max-tokens", "4", *tiny_args], input="hello\n/reset\nagain\nmore\n/exit\n"
+    )
+    assert res.exit_code == 0, res.output
+    assert res.output.count(">>> ") == 5
+
+
+def test_config_prints_the_merged_config(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[kv_cache]\ndtype = "bf16"\nmemory_gb = 3.0\n')
+    monkeypatch.setenv("FERROLM_KV_CACHE_DTYPE", "int8")
+    res = runner.invoke(app, ["config", "--config", str(cfg), "--max-num-seqs", "9", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    data = json.loads(res.output)
+    assert data["kv_cache"]["dtype"] == "int8" and data["kv_cache"]["memory_gb"] == 3.0
+    assert data["scheduler"]["max_num_seqs"] == 9
+    res = runner.invoke(app, ["config", "--format", "yaml"], env={"FERROLM_CONFIG": str(cfg)})
+    assert "dtype: int8" in res.output  # FERROLM_KV_CACHE_DTYPE still set, env beats the file
 
 
 def test_list_and_pull_unknown(tmp_path, monkeypatch):

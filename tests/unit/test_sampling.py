@@ -75,3 +75,21 @@ def test_logprobs(llm):
 def test_invalid_params(kwargs, word):
     with pytest.raises(ValueError, match=word):
         SamplingParams(**kwargs)
+
+
+def _seq(tokens, prompt_len, **params):
+    from ferrolm.engine.sequence import Sequence
+
+    return Sequence(0, "r", 0, list(tokens), prompt_len, SamplingParams(**params), detok=None)
+
+
+def test_penalties():
+    from ferrolm.engine.sampler import apply_penalties
+
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    rep = apply_penalties(logits, _seq([0, 1, 3], 1, repetition_penalty=2.0))
+    assert rep.tolist() == [1.0, -4.0, 1.0, 0.25]  # positive divided, negative multiplied
+    # presence/frequency count only generated tokens (3 twice, 1 once; 0 is the prompt)
+    pen = apply_penalties(logits, _seq([0, 3, 1, 3], 1, presence_penalty=0.5, frequency_penalty=0.25))
+    assert pen.tolist() == [2.0, -2.75, 1.0, -0.5]
+    assert apply_penalties(logits, _seq([0, 1], 1)) is logits

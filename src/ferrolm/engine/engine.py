@@ -53,6 +53,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
+        self.num_prompt_tokens = 0  # counters for metrics: tokens of added prompts ...
+        self.num_generation_tokens = 0  # ... and tokens sampled
         log.info(
             "model %s | KV dtype %s | %d bytes/token | cache holds %d tokens (%d blocks of %d)",
             config.model.name,
@@ -120,6 +122,7 @@ class LLMEngine:
         )
         for seq in seqs:
             self.scheduler.add(seq)
+        self.num_prompt_tokens += len(ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
@@ -149,6 +152,7 @@ class LLMEngine:
         if not seqs:
             return []
         tokens, logprobs = sample(logits[rows], seqs)
+        self.num_generation_tokens += len(tokens)
         deltas: dict[int, str] = {}
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, tokens, logprobs):
@@ -223,6 +227,8 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": running,
             "num_waiting": len(self.scheduler.waiting),
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "generation_tokens_total": self.num_generation_tokens,
         }
 
 

@@ -1,0 +1,50 @@
+"""Engine features on the real default model, for every KV dtype."""
+
+import pytest
+from click.testing import CliRunner
+
+from ferrolm import LLM, KvCacheDtype, SamplingParams
+from ferrolm.cli import app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("dtype", list(KvCacheDtype))
+def test_prefix_cache_hit_equals_miss(default_model_path, dtype):
+    """Two chats share the template's system prompt: the second reuses its cached blocks."""
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    kw = dict(dtype="float32", kv_cache_dtype=dtype.value, kv_cache_memory_gb=0.05)
+    miss = LLM(str(default_model_path), enable_prefix_caching=False, **kw)
+    chats = [
+        miss.tokenizer.apply_chat_template([{"role": "user", "content": q}])
+        for q in ("What is the capital of France?", "Name a primary color.")
+    ]
+    expected = [miss.generate([c], params)[0].token_ids for c in chats]
+    llm = LLM(str(default_model_path), enable_prefix_caching=True, **kw)
+    got = [llm.generate([c], params)[0].token_ids for c in chats]
+    assert got == expected
+    stats = llm.stats()
+    shared = next(i for i, (a, b) in enumerate(zip(*chats)) if a != b)
+    assert stats["prefix_cache_hits"] == shared // 16 * 16 > 0
+    assert stats["prefix_cache_queries"] == len(chats[0]) + len(chats[1])
+
+
+def test_cli_chat(default_model_path):
+    res = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "24",
+            "--json",
+            "--kv-cache-dtype",
+            "int8",
+            "--kv-cache-memory-gb",
+            "0.05",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Paris" in res.stdout

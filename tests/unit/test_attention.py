@@ -61,5 +61,5 @@ def test_metadata_slots_follow_block_tables():
     meta = AttentionMetadata.build([[3, 1], [0]], [2, 0], [3, 2], BS)
     # seq 0 computes positions 2,3,4 -> block 3 offsets 2,3 then block 1 offset 0.
     assert meta.slot_mapping.tolist() == [14, 15, 4, 0, 1]
-    assert meta.ctx_slots[0].tolist() == [12, 13, 14, 15, 4]
+    assert meta.block_tables.tolist() == [[3, 1], [0, 0]]
     assert meta.max_q == 3 and meta.num_seqs == 2

@@ -40,13 +40,14 @@ def test_real_tensor_bytes_match_accounting(dtype):
 def test_write_then_read_round_trips(dtype):
     fmt = FORMATS[dtype]
     pool = KvPool(fmt, num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=4, block_size=4)
-    k, v = torch.randn(5, 2, 64), torch.randn(5, 2, 64)
-    slots = torch.tensor([3, 0, 9, 15, 7])
+    k, v = torch.randn(8, 2, 64), torch.randn(8, 2, 64)
+    slots = torch.tensor([12, 13, 14, 15, 4, 5, 6, 7])  # blocks 3 then 1
     pool.write(1, slots, k, v)
-    rk, rv = pool.read(1, slots.view(1, 5), torch.float32)
-    assert rk.shape == (1, 5, 2, 64)
+    rk, rv = pool.gather(1, torch.tensor([[3, 1], [1, 3]]), torch.float32)
+    assert rk.shape == (2, 8, 2, 64)
     assert torch.equal(rk[0], fmt.dequantize(*fmt.quantize(k)))
     assert torch.equal(rv[0], fmt.dequantize(*fmt.quantize(v)))
+    assert torch.equal(rk[1], torch.cat([rk[0, 4:], rk[0, :4]]))
 
 
 def test_empty_pool_is_rejected():

@@ -90,8 +90,11 @@ def main() -> None:
     for d in args.dtypes.split(","):
         results.append(run_dtype(args, d.strip()))
         r = results[-1]
-        print(f"{d}: {r['gen_tokens_per_s']:.1f} tok/s, {r['preemptions']} preemptions, {r['seconds']:.0f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"{d}: {r['gen_tokens_per_s']:.1f} tok/s, {r['preemptions']} preemptions, {r['seconds']:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     base = next((r for r in results if r["dtype"] == "fp16"), results[0])
     print(
         f"\nKV capacity at {args.memory_gb} GiB; workload {args.requests} x ({args.prompt_len} prompt + "

@@ -1,10 +1,9 @@
 # Two entry points on a fresh machine (python3, pip, make):
-#   make run    set up, pull the default model, generate with it
+#   make run    set up, pull the default model, serve it (OpenAI API on 127.0.0.1:8000)
 #   make test   set up, pull the default model, run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PROMPT ?= The capital of France is
 ARGS ?=
 
 .PHONY: setup model run test lint clean
@@ -26,7 +25,7 @@ model: setup
 	$(BIN)/ferrolm pull smollm2-135m
 
 run: model
-	$(BIN)/ferrolm run --prompt "$(PROMPT)" $(ARGS)
+	$(BIN)/ferrolm serve $(ARGS)
 
 test: model
 	$(BIN)/ruff check .

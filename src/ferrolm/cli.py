@@ -200,6 +200,152 @@ def show_config(fmt, config) -> None:
     click.echo(config.dumps(fmt), nl=False)
 
 
+@app.command("eval")
+@option("--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder.")
+@option(
+    "--kv-cache-dtype",
+    default="fp16,bf16,int8,fp8,fp8_e5m2",
+    show_default=True,
+    help="KV dtypes to compare with the fp32 cache, comma separated.",
+)
+@option(
+    "--text",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Text file to score [default: State of the Union excerpt shipped with ferrolm].",
+)
+@option("--context", type=int, default=1024, show_default=True, help="Tokens per window.")
+@option("--windows", type=int, default=8, show_default=True, help="Number of windows (run as one batch).")
+@option("--prefix", type=int, default=None, help="Tokens prefilled before scoring [default: context / 2].")
+@option("--chunk", type=int, default=128, show_default=True, help="Scored tokens per step.")
+@option("--dtype", default="float32", show_default=True, help="Compute dtype.")
+@option(
+    "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON."
+)
+@option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Quality vs bytes/token PNG."
+)
+def eval_cmd(
+    model, kv_cache_dtype, text, context, windows, prefix, chunk, dtype, json_path, plot_path
+) -> None:
+    """KV quality report: perplexity, KL and top-1 agreement against the fp32 cache."""
+    from importlib import resources
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from ferrolm.eval.quality import evaluate, format_table, plot
+    from ferrolm.kv.dtypes import KvCacheDtype
+
+    try:
+        dtypes = [KvCacheDtype.parse(d) for d in kv_cache_dtype.split(",") if d.strip()]
+    except ValueError as e:
+        fail(str(e))
+    body = (
+        Path(text).read_text() if text else resources.files("ferrolm.data").joinpath("sotu.txt").read_text()
+    )
+    prefix = context // 2 if prefix is None else prefix
+    total = context - 1
+    with tqdm(total=total, unit="pos", desc=f"eval {len(dtypes) + 1} KV dtypes x {windows} windows") as bar:
+        try:
+            report = evaluate(
+                model, body, dtypes, context, windows, prefix, chunk, dtype, progress=bar.update
+            )
+        except (ValueError, FileNotFoundError) as e:
+            fail(explain(e))
+    click.echo(format_table(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if plot_path:
+        plot(report, plot_path)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"expected comma-separated integers, got {text!r}")
+
+
+@app.command("bench")
+@option("--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder.")
+@option("--kv-cache-dtype", default="fp16,int8,fp8", show_default=True, help="KV dtypes, comma separated.")
+@option("--dtype", default="float32", show_default=True, help="Compute dtype (also the HF baseline's).")
+@option("--prompt-len", type=int, default=256, show_default=True, help="Prompt tokens per request.")
+@option("--output-len", type=int, default=64, show_default=True, help="Generated tokens per request.")
+@option("--concurrency", default="1,4,16", show_default=True, help="Concurrent requests, comma separated.")
+@option(
+    "--context-lens",
+    default="128,512,1024",
+    show_default=True,
+    help="Context lengths for the decode-time curve ('' to skip).",
+)
+@option("--repeats", type=int, default=3, show_default=True, help="Repeats per point (medians reported).")
+@option("--kv-cache-memory-gb", type=float, default=1.0, show_default=True, help="KV cache budget in GiB.")
+@option(
+    "--baseline",
+    type=click.Choice(["none", "hf"]),
+    default="none",
+    show_default=True,
+    help="Also run HF transformers generate on the same weights.",
+)
+@option(
+    "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON."
+)
+@option(
+    "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Throughput/decode-time PNG."
+)
+def bench_cmd(
+    model,
+    kv_cache_dtype,
+    dtype,
+    prompt_len,
+    output_len,
+    concurrency,
+    context_lens,
+    repeats,
+    kv_cache_memory_gb,
+    baseline,
+    json_path,
+    plot_path,
+) -> None:
+    """Latency and throughput per KV dtype (medians), optionally against HF transformers."""
+    from importlib import resources
+    from pathlib import Path
+
+    from ferrolm.eval.bench import BenchConfig, format_table, plot, run_bench
+    from ferrolm.kv.dtypes import KvCacheDtype
+
+    try:
+        kv = tuple(KvCacheDtype.parse(d).value for d in kv_cache_dtype.split(",") if d.strip())
+    except ValueError as e:
+        fail(str(e))
+    cfg = BenchConfig(
+        model=model,
+        kv_dtypes=kv,
+        compute_dtype=dtype,
+        prompt_len=prompt_len,
+        output_len=output_len,
+        concurrency=_ints(concurrency),
+        context_lens=_ints(context_lens),
+        repeats=repeats,
+        kv_cache_memory_gb=kv_cache_memory_gb,
+        baseline=None if baseline == "none" else baseline,
+    )
+    if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
+        fail("repeats and output-len must be >= 1 and concurrency non-empty")
+    text = resources.files("ferrolm.data").joinpath("sotu.txt").read_text()
+    try:
+        report = run_bench(cfg, text, progress=lambda m: click.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        fail(explain(e))
+    click.echo(format_table(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if plot_path:
+        plot(report, plot_path)
+
+
 @app.command()
 @click.argument("name", default="smollm2-135m")
 def pull(name: str) -> None:

@@ -1,0 +1,259 @@
+"""Latency and throughput per KV dtype, optionally against HF transformers `generate`.
+
+Each configuration (KV dtype x concurrency) runs `repeats` times; reported figures are
+medians. Time to first token is measured per request from submission to its first
+generated token; time per output token is (finish - first token) / (tokens - 1);
+throughput is all output tokens over the wall time of the repeat. The HF baseline
+runs the same weights (ferrolm's loaded tensors, HF's LlamaForCausalLM), same
+prompts, same threads, in the same process and run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ferrolm.config import EngineConfig
+from ferrolm.engine.engine import LLMEngine
+from ferrolm.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"
+    kv_dtypes: tuple[str, ...] = ("fp16", "int8", "fp8")
+    compute_dtype: str = "float32"
+    prompt_len: int = 256
+    output_len: int = 64
+    concurrency: tuple[int, ...] = (1, 4, 16)
+    context_lens: tuple[int, ...] = (128, 512, 1024)
+    decode_steps: int = 16
+    repeats: int = 3
+    kv_cache_memory_gb: float = 1.0
+    baseline: str | None = None  # "hf"
+
+
+def prompts_from_text(tokenizer, text: str, n: int, length: int) -> list[list[int]]:
+    ids = tokenizer.encode(text)
+    if len(ids) < length + n:
+        raise ValueError(f"the text has {len(ids)} tokens, too few for {n} prompts of {length}")
+    stride = max(1, (len(ids) - length) // max(1, n))
+    return [ids[i * stride : i * stride + length] for i in range(n)]
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_engine_once(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> dict:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{i}", p, params)
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            if o.finished:
+                done[o.request_id] = now
+    wall = time.perf_counter() - start
+    ttft = [first[r] - start for r in first]
+    tpot = [(done[r] - first[r]) / (output_len - 1) for r in done] if output_len > 1 else []
+    return {
+        "ttft_s": _median(ttft),
+        "tpot_s": _median(tpot),
+        "tokens_per_s": len(prompts) * output_len / wall,
+    }
+
+
+def decode_time_vs_context(
+    engine: LLMEngine, prompt: list[int], context_lens, steps: int
+) -> dict[int, float]:
+    """Median seconds per decode step of one sequence after a prompt of each length."""
+    out = {}
+    for n in context_lens:
+        engine.add_request(
+            "ctx", prompt[:n], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+        )
+        times = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            outs = engine.step()
+            if outs and len(outs[0].token_ids) > 1:  # the first token comes from the prefill
+                times.append(time.perf_counter() - t)
+        out[n] = _median(times)
+    return out
+
+
+def hf_model_like(engine: LLMEngine):
+    """HF LlamaForCausalLM holding the very tensors ferrolm runs (same weights, same dtype)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = engine.model.config
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings,
+        attention_bias=c.attention_bias,
+    )
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_cfg)
+    state = {
+        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
+        for k, v in engine.model.state_dict().items()
+    }
+    hf.load_state_dict(state, strict=False, assign=True)
+    if c.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)  # buffers were on meta
+    return hf.eval()
+
+
+def run_hf_once(hf, prompts: list[list[int]], output_len: int) -> dict:
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kw)
+        wall = time.perf_counter() - t0
+    tpot = (wall - ttft) / (output_len - 1) if output_len > 1 else float("nan")
+    return {"ttft_s": ttft, "tpot_s": tpot, "tokens_per_s": len(prompts) * output_len / wall}
+
+
+def _summarise(runs: list[dict]) -> dict:
+    return {k: _median([r[k] for r in runs]) for k in runs[0]}
+
+
+def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | None = None) -> dict:
+    say = progress or (lambda _: None)
+    results, context_curves = [], {}
+    hf = None
+    max_c = max(cfg.concurrency)
+    for kv in cfg.kv_dtypes:
+        engine = LLMEngine(
+            EngineConfig().with_flags(
+                dict(
+                    model=cfg.model,
+                    dtype=cfg.compute_dtype,
+                    kv_cache_dtype=kv,
+                    kv_cache_memory_gb=cfg.kv_cache_memory_gb,
+                    max_num_seqs=max(max_c, 1),
+                    enable_prefix_caching=False,
+                )
+            )
+        )
+        prompts = prompts_from_text(engine.tokenizer, text, max_c, cfg.prompt_len)
+        for c in cfg.concurrency:
+            say(f"ferrolm kv={kv} concurrency={c}")
+            run_engine_once(engine, prompts[:c], min(cfg.output_len, 4))  # warm-up
+            runs = [run_engine_once(engine, prompts[:c], cfg.output_len) for _ in range(cfg.repeats)]
+            results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **_summarise(runs)})
+        if cfg.context_lens:
+            say(f"ferrolm kv={kv} decode time vs context")
+            long = prompts_from_text(engine.tokenizer, text, 1, max(cfg.context_lens))[0]
+            context_curves[kv] = decode_time_vs_context(engine, long, cfg.context_lens, cfg.decode_steps)
+        if cfg.baseline == "hf" and hf is None:
+            hf = (hf_model_like(engine), prompts)
+        del engine
+    if hf is not None:
+        model, prompts = hf
+        for c in cfg.concurrency:
+            say(f"hf transformers concurrency={c}")
+            run_hf_once(model, prompts[:c], min(cfg.output_len, 4))
+            runs = [run_hf_once(model, prompts[:c], cfg.output_len) for _ in range(cfg.repeats)]
+            results.append(
+                {"engine": "hf", "kv_dtype": "hf-dynamic-cache", "concurrency": c, **_summarise(runs)}
+            )
+    _add_ratios(results)
+    return {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
+        "threads": torch.get_num_threads(),
+        "results": results,
+        "decode_s_vs_context": {
+            kv: {str(k): v for k, v in curve.items()} for kv, curve in context_curves.items()
+        },
+    }
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """tokens/s against fp16 (same concurrency) and against HF (same concurrency), where present."""
+    by = {(r["engine"], r["kv_dtype"], r["concurrency"]): r for r in results}
+    for r in results:
+        fp16 = by.get(("ferrolm", "fp16", r["concurrency"]))
+        hf = next((x for (e, _, c), x in by.items() if e == "hf" and c == r["concurrency"]), None)
+        r["x_fp16"] = r["tokens_per_s"] / fp16["tokens_per_s"] if fp16 and r["engine"] == "ferrolm" else None
+        r["x_hf"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf and r["engine"] == "ferrolm" else None
+
+
+def format_table(report: dict) -> str:
+    lines = [
+        "| engine | KV dtype | concurrency | TTFT ms | TPOT ms | out tok/s | x fp16 | x HF |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        f16 = f"{r['x_fp16']:.2f}" if r.get("x_fp16") is not None else "-"
+        xhf = f"{r['x_hf']:.2f}" if r.get("x_hf") is not None else "-"
+        lines.append(
+            f"| {r['engine']} | {r['kv_dtype']} | {r['concurrency']} | {r['ttft_s'] * 1e3:.0f} | "
+            f"{r['tpot_s'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {f16} | {xhf} |"
+        )
+    if report["decode_s_vs_context"]:
+        lines += [
+            "",
+            "| KV dtype | "
+            + " | ".join(f"decode ms @ {k}" for k in next(iter(report["decode_s_vs_context"].values())))
+            + " |",
+        ]
+        lines.append("|---" * (1 + len(next(iter(report["decode_s_vs_context"].values())))) + "|")
+        for kv, curve in report["decode_s_vs_context"].items():
+            lines.append(f"| {kv} | " + " | ".join(f"{v * 1e3:.1f}" for v in curve.values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in report["results"]:
+        name = r["kv_dtype"] if r["engine"] == "ferrolm" else "HF transformers"
+        series.setdefault(name, []).append((r["concurrency"], r["tokens_per_s"]))
+    for name, pts in series.items():
+        pts.sort()
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("concurrent requests")
+    ax1.set_ylabel("output tokens/s")
+    ax1.legend()
+    for kv, curve in report["decode_s_vs_context"].items():
+        xs = [int(k) for k in curve]
+        ax2.plot(xs, [v * 1e3 for v in curve.values()], marker="o", label=kv)
+    ax2.set_xlabel("context length (tokens)")
+    ax2.set_ylabel("decode ms per token (1 sequence)")
+    ax2.legend()
+    fig.suptitle(f"ferrolm bench: {report['config']['model']}, compute {report['config']['compute_dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

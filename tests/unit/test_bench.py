@@ -1,0 +1,67 @@
+import json
+
+from click.testing import CliRunner
+
+from ferrolm.cli import app
+
+
+def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--kv-cache-dtype",
+            "fp16,int8",
+            "--prompt-len",
+            "8",
+            "--output-len",
+            "4",
+            "--concurrency",
+            "1,2",
+            "--context-lens",
+            "8,16",
+            "--repeats",
+            "2",
+            "--kv-cache-memory-gb",
+            "0.01",
+            "--baseline",
+            "hf",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    rows = {(r["engine"], r["kv_dtype"], r["concurrency"]) for r in data["results"]}
+    assert rows == {("ferrolm", d, c) for d in ("fp16", "int8") for c in (1, 2)} | {
+        ("hf", "hf-dynamic-cache", 1),
+        ("hf", "hf-dynamic-cache", 2),
+    }
+    for r in data["results"]:
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["tpot_s"] > 0
+        if r["engine"] == "ferrolm":
+            assert r["x_hf"] > 0 and r["x_fp16"] > 0
+    assert set(data["decode_s_vs_context"]) == {"fp16", "int8"}
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hf_baseline_runs_the_same_weights(tiny_model_dir, tiny_hf_model):
+    """The baseline model built from ferrolm's tensors predicts exactly what HF's own load does."""
+    import torch
+
+    from ferrolm import LLMEngine
+    from ferrolm.config import EngineConfig
+    from ferrolm.eval.bench import hf_model_like
+
+    eng = LLMEngine(
+        EngineConfig().with_flags(dict(model=str(tiny_model_dir), dtype="float32", kv_cache_memory_gb=0.01))
+    )
+    hf = hf_model_like(eng)
+    ids = torch.tensor([[5, 9, 33, 2, 7, 100]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, tiny_hf_model(ids).logits, atol=1e-5, rtol=1e-5)

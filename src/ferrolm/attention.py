@@ -21,13 +21,24 @@ from ferrolm.kv.pool import KvPool
 
 
 @dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] pool slot of each new token
+class AttentionGroup:
+    """Sequences attended together on one padded [B, Q] query grid."""
+
+    token_index: torch.Tensor  # [Tg] positions of the group's new tokens in the step's flat list
     block_tables: torch.Tensor  # [B, nblk] each sequence's blocks (padded with block 0)
-    q_dest: torch.Tensor  # [T] index of each new token in the padded [B * Q] query grid
+    q_dest: torch.Tensor  # [Tg] index of each new token in the padded [B * Q] query grid
     mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend to a key (L = nblk * block_size)
     num_seqs: int
     max_q: int
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step. Decodes (one new token) and prefill chunks form separate
+    groups, so that one long chunk does not pad every decode to its length."""
+
+    slot_mapping: torch.Tensor  # [T] pool slot of each new token
+    groups: list[AttentionGroup]
 
     @classmethod
     def build(
@@ -39,36 +50,50 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
         """Sequence b computes tokens start_positions[b] .. + num_new_tokens[b] - 1."""
-        B = len(block_tables)
-        starts = torch.tensor(start_positions, dtype=torch.long)
-        news = torch.tensor(num_new_tokens, dtype=torch.long)
-        ctx_lens = starts + news
-        max_q = int(news.max())
-        nblk = max(len(t) for t in block_tables)
-        tables = torch.zeros((B, nblk), dtype=torch.long)
-        for b, t in enumerate(block_tables):
-            tables[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        key_pos = torch.arange(nblk * block_size)
-        key_valid = key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, L]
+        offsets = [0]
+        for n in num_new_tokens:
+            offsets.append(offsets[-1] + n)
+        slots = []
+        for table, start, n in zip(block_tables, start_positions, num_new_tokens):
+            pos = torch.arange(start, start + n)
+            slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
+        groups = []
+        for members in ([b for b, n in enumerate(num_new_tokens) if n == 1],
+                        [b for b, n in enumerate(num_new_tokens) if n > 1]):
+            if members:
+                groups.append(_group(members, block_tables, start_positions, num_new_tokens, offsets, block_size,
+                                     device))
+        return cls(slot_mapping=torch.cat(slots).to(device), groups=groups)
 
-        qi = torch.arange(max_q)
-        q_valid = qi.unsqueeze(0) < news.unsqueeze(1)  # [B, Q]
-        q_pos = starts.unsqueeze(1) + qi.unsqueeze(0)  # [B, Q]
-        mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)) & key_valid.unsqueeze(1)
-        # Padding rows attend to key 0 only, so that softmax never sees an empty row.
-        mask[:, :, 0] |= ~q_valid
-        q_dest = (torch.arange(B).unsqueeze(1) * max_q + qi.unsqueeze(0))[q_valid]
-        pos = q_pos[q_valid]
-        seq_of = torch.arange(B).unsqueeze(1).expand(B, max_q)[q_valid]
-        slot_mapping = tables[seq_of, pos // block_size] * block_size + pos % block_size
-        return cls(
-            slot_mapping=slot_mapping.to(device),
-            block_tables=tables.to(device),
-            q_dest=q_dest.to(device),
-            mask=mask.unsqueeze(1).to(device),
-            num_seqs=B,
-            max_q=max_q,
-        )
+
+def _group(members, block_tables, start_positions, num_new_tokens, offsets, block_size, device) -> AttentionGroup:
+    B = len(members)
+    starts = torch.tensor([start_positions[b] for b in members], dtype=torch.long)
+    news = torch.tensor([num_new_tokens[b] for b in members], dtype=torch.long)
+    ctx_lens = starts + news
+    max_q = int(news.max())
+    nblk = max(len(block_tables[b]) for b in members)
+    tables = torch.zeros((B, nblk), dtype=torch.long)
+    for i, b in enumerate(members):
+        tables[i, : len(block_tables[b])] = torch.tensor(block_tables[b], dtype=torch.long)
+    key_pos = torch.arange(nblk * block_size)
+    key_valid = key_pos.unsqueeze(0) < ctx_lens.unsqueeze(1)  # [B, L]
+    qi = torch.arange(max_q)
+    q_valid = qi.unsqueeze(0) < news.unsqueeze(1)  # [B, Q]
+    q_pos = starts.unsqueeze(1) + qi.unsqueeze(0)  # [B, Q]
+    mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)) & key_valid.unsqueeze(1)
+    # Padding rows attend to key 0 only, so that softmax never sees an empty row.
+    mask[:, :, 0] |= ~q_valid
+    token_index = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in members])
+    q_dest = (torch.arange(B).unsqueeze(1) * max_q + qi.unsqueeze(0))[q_valid]
+    return AttentionGroup(
+        token_index=token_index.to(device),
+        block_tables=tables.to(device),
+        q_dest=q_dest.to(device),
+        mask=mask.unsqueeze(1).to(device),
+        num_seqs=B,
+        max_q=max_q,
+    )
 
 
 def paged_attention(
@@ -82,17 +107,28 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] -> [T, H * D] in q's dtype. Writes k/v into the pool first."""
     T, H, D = q.shape
-    B, Q = meta.num_seqs, meta.max_q
     pool.write(layer, meta.slot_mapping, k, v)
-    keys, values = pool.gather(layer, meta.block_tables, torch.float32)  # [B, L, KVH, D]
+    if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == T:
+        return _attend(q, layer, pool, meta.groups[0], scale)
+    out = q.new_empty((T, H * D))
+    for g in meta.groups:
+        out[g.token_index] = _attend(q[g.token_index], layer, pool, g, scale)
+    return out
+
+
+def _attend(q: torch.Tensor, layer: int, pool: KvPool, g: AttentionGroup, scale: float) -> torch.Tensor:
+    """One group: q [Tg, H, D] in the group's token order -> [Tg, H * D]."""
+    _, H, D = q.shape
+    B, Q = g.num_seqs, g.max_q
+    keys, values = pool.gather(layer, g.block_tables, torch.float32)  # [B, L, KVH, D]
     qp = q.new_zeros((B * Q, H, D), dtype=torch.float32)
-    qp[meta.q_dest] = q.float()
+    qp[g.q_dest] = q.float()
     out = F.scaled_dot_product_attention(
         qp.view(B, Q, H, D).transpose(1, 2),
         keys.transpose(1, 2),
         values.transpose(1, 2),
-        attn_mask=meta.mask,
+        attn_mask=g.mask,
         scale=scale,
         enable_gqa=True,
     )
-    return out.transpose(1, 2).reshape(B * Q, H * D)[meta.q_dest].to(q.dtype)
+    return out.transpose(1, 2).reshape(B * Q, H * D)[g.q_dest].to(q.dtype)

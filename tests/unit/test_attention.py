@@ -61,5 +61,13 @@ def test_metadata_slots_follow_block_tables():
     meta = AttentionMetadata.build([[3, 1], [0]], [2, 0], [3, 2], BS)
     # seq 0 computes positions 2,3,4 -> block 3 offsets 2,3 then block 1 offset 0.
     assert meta.slot_mapping.tolist() == [14, 15, 4, 0, 1]
-    assert meta.block_tables.tolist() == [[3, 1], [0, 0]]
-    assert meta.max_q == 3 and meta.num_seqs == 2
+    [prefill] = meta.groups  # both sequences compute several tokens: one group
+    assert prefill.block_tables.tolist() == [[3, 1], [0, 0]]
+    assert prefill.max_q == 3 and prefill.num_seqs == 2
+
+
+def test_decodes_and_prefills_form_separate_groups():
+    meta = AttentionMetadata.build([[0, 4], [1, 2], [3]], [5, 0, 2], [1, 7, 1], BS)
+    decode, prefill = meta.groups
+    assert decode.token_index.tolist() == [0, 8] and decode.max_q == 1 and decode.num_seqs == 2
+    assert prefill.token_index.tolist() == list(range(1, 8)) and prefill.max_q == 7

@@ -33,6 +33,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of those, tokens found cached (their prefill skipped)
+        # Admission leaves this many blocks free for the running sequences' decode growth
+        # (vLLM's 1% watermark), so a new arrival is not admitted only to be preempted.
+        self.watermark = max(1, blocks.num_blocks // 100)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,7 +62,8 @@ class Scheduler:
             cached = self.blocks.lookup(seq.token_ids)
             num_cached = len(cached) * self.blocks.block_size
             n = min(seq.num_tokens - num_cached, budget)
-            if self.blocks.blocks_to_admit(cached, num_cached + n) > self.blocks.num_free:
+            reserve = self.watermark if self.running else 0
+            if self.blocks.blocks_to_admit(cached, num_cached + n) > self.blocks.num_free - reserve:
                 break
             self.waiting.popleft()
             if self.blocks.enable_prefix_caching:

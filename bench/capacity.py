@@ -17,14 +17,14 @@ import argparse
 import json
 import sys
 import time
-from importlib import resources
 
 from ferrolm import LLMEngine, SamplingParams
 from ferrolm.config import EngineConfig
+from ferrolm.data import sample_text
 
 
 def prompts_from_text(tokenizer, n: int, length: int) -> list[list[int]]:
-    ids = tokenizer.encode(resources.files("ferrolm.data").joinpath("sotu.txt").read_text())
+    ids = tokenizer.encode(sample_text())
     stride = max(1, (len(ids) - length) // max(1, n - 1))
     out = [ids[i * stride : i * stride + length] for i in range(n)]
     if any(len(p) < length for p in out):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,9 @@ TINY = dict(
 
 
 def sotu_text() -> str:
-    return resources.files("ferrolm.data").joinpath("sotu.txt").read_text()
+    from ferrolm.data import sample_text
+
+    return sample_text()
 
 
 def _tiny_tokenizer(vocab_size: int):

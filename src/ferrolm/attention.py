@@ -56,17 +56,26 @@ class AttentionMetadata:
         slots = []
         for table, start, n in zip(block_tables, start_positions, num_new_tokens):
             pos = torch.arange(start, start + n)
-            slots.append(torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size)
+            slots.append(
+                torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
+            )
         groups = []
-        for members in ([b for b, n in enumerate(num_new_tokens) if n == 1],
-                        [b for b, n in enumerate(num_new_tokens) if n > 1]):
+        for members in (
+            [b for b, n in enumerate(num_new_tokens) if n == 1],
+            [b for b, n in enumerate(num_new_tokens) if n > 1],
+        ):
             if members:
-                groups.append(_group(members, block_tables, start_positions, num_new_tokens, offsets, block_size,
-                                     device))
+                groups.append(
+                    _group(
+                        members, block_tables, start_positions, num_new_tokens, offsets, block_size, device
+                    )
+                )
         return cls(slot_mapping=torch.cat(slots).to(device), groups=groups)
 
 
-def _group(members, block_tables, start_positions, num_new_tokens, offsets, block_size, device) -> AttentionGroup:
+def _group(
+    members, block_tables, start_positions, num_new_tokens, offsets, block_size, device
+) -> AttentionGroup:
     B = len(members)
     starts = torch.tensor([start_positions[b] for b in members], dtype=torch.long)
     news = torch.tensor([num_new_tokens[b] for b in members], dtype=torch.long)

@@ -229,11 +229,11 @@ def eval_cmd(
     model, kv_cache_dtype, text, context, windows, prefix, chunk, dtype, json_path, plot_path
 ) -> None:
     """KV quality report: perplexity, KL and top-1 agreement against the fp32 cache."""
-    from importlib import resources
     from pathlib import Path
 
     from tqdm import tqdm
 
+    from ferrolm.data import sample_text
     from ferrolm.eval.quality import evaluate, format_table, plot
     from ferrolm.kv.dtypes import KvCacheDtype
 
@@ -241,9 +241,7 @@ def eval_cmd(
         dtypes = [KvCacheDtype.parse(d) for d in kv_cache_dtype.split(",") if d.strip()]
     except ValueError as e:
         fail(str(e))
-    body = (
-        Path(text).read_text() if text else resources.files("ferrolm.data").joinpath("sotu.txt").read_text()
-    )
+    body = Path(text).read_text() if text else sample_text()
     prefix = context // 2 if prefix is None else prefix
     total = context - 1
     with tqdm(total=total, unit="pos", desc=f"eval {len(dtypes) + 1} KV dtypes x {windows} windows") as bar:
@@ -253,6 +251,13 @@ def eval_cmd(
             )
         except (ValueError, FileNotFoundError) as e:
             fail(explain(e))
+    emit_report(report, format_table, plot, json_path, plot_path)
+
+
+def emit_report(report: dict, format_table, plot, json_path: str | None, plot_path: str | None) -> None:
+    """Table on the terminal; JSON and PNG files when asked."""
+    from pathlib import Path
+
     click.echo(format_table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -310,9 +315,7 @@ def bench_cmd(
     plot_path,
 ) -> None:
     """Latency and throughput per KV dtype (medians), optionally against HF transformers."""
-    from importlib import resources
-    from pathlib import Path
-
+    from ferrolm.data import sample_text
     from ferrolm.eval.bench import BenchConfig, format_table, plot, run_bench
     from ferrolm.kv.dtypes import KvCacheDtype
 
@@ -334,16 +337,11 @@ def bench_cmd(
     )
     if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
         fail("repeats and output-len must be >= 1 and concurrency non-empty")
-    text = resources.files("ferrolm.data").joinpath("sotu.txt").read_text()
     try:
-        report = run_bench(cfg, text, progress=lambda m: click.echo(m, err=True))
+        report = run_bench(cfg, sample_text(), progress=lambda m: click.echo(m, err=True))
     except (ValueError, FileNotFoundError) as e:
         fail(explain(e))
-    click.echo(format_table(report))
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    if plot_path:
-        plot(report, plot_path)
+    emit_report(report, format_table, plot, json_path, plot_path)
 
 
 @app.command()

@@ -1,8 +1,8 @@
 """The KV quality report on the real model and real prose: the dtypes fall in the expected order."""
 
 import pytest
-
 from conftest import sotu_text
+
 from ferrolm.eval.quality import evaluate
 from ferrolm.kv.dtypes import KvCacheDtype
 
@@ -12,8 +12,15 @@ pytestmark = pytest.mark.integration
 def test_kl_order_on_real_text(default_model_path, capsys):
     from ferrolm.eval.quality import format_table
 
-    report = evaluate(str(default_model_path), sotu_text(), list(KvCacheDtype), context=384, windows=3,
-                      prefix=128, chunk=128)
+    report = evaluate(
+        str(default_model_path),
+        sotu_text(),
+        list(KvCacheDtype),
+        context=384,
+        windows=3,
+        prefix=128,
+        chunk=128,
+    )
     with capsys.disabled():
         print("\n" + format_table(report))
     r = {x["dtype"]: x for x in report["results"]}

@@ -8,6 +8,8 @@ included, with batched tensor ops and no Python loop over sequences.
 
 Attention runs in fp32 whatever the compute dtype: the softmax and the sums over
 the context stay exact enough, and fp32 matmuls are the fast ones on AVX2 CPUs.
+Per-token scales of the quantized formats are folded into the scores and the
+attention weights instead of materialising dequantized K and V.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ferrolm.kv.pool import KvPool
 
@@ -126,18 +127,27 @@ def paged_attention(
 
 
 def _attend(q: torch.Tensor, layer: int, pool: KvPool, g: AttentionGroup, scale: float) -> torch.Tensor:
-    """One group: q [Tg, H, D] in the group's token order -> [Tg, H * D]."""
+    """One group: q [Tg, H, D] in the group's token order -> [Tg, H * D].
+
+    Batched over (kv head, sequence) with contiguous operands, in fp32. Scales are
+    folded in rather than dequantizing K and V: q . (s_k k_q) = s_k (q . k_q) scales the
+    scores, sum_j p_j (s_v,j v_q,j) = sum_j (p_j s_v,j) v_q,j scales the weights; K and V
+    are only cast, which on a bandwidth-bound CPU saves a full pass over the context."""
     _, H, D = q.shape
     B, Q = g.num_seqs, g.max_q
-    keys, values = pool.gather(layer, g.block_tables, torch.float32)  # [B, L, KVH, D]
+    kv = pool.gather(layer, g.block_tables)  # k, v: [KVH, B, L, D]
+    KVH, L = kv.k.shape[0], kv.k.shape[2]
+    G = H // KVH
     qp = q.new_zeros((B * Q, H, D), dtype=torch.float32)
     qp[g.q_dest] = q.float()
-    out = F.scaled_dot_product_attention(
-        qp.view(B, Q, H, D).transpose(1, 2),
-        keys.transpose(1, 2),
-        values.transpose(1, 2),
-        attn_mask=g.mask,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out.transpose(1, 2).reshape(B * Q, H * D)[g.q_dest].to(q.dtype)
+    # [B, Q, KVH, G, D] -> [KVH, B, G * Q, D]: query head h reads kv head h // G.
+    qp = qp.view(B, Q, KVH, G, D).permute(2, 0, 3, 1, 4).reshape(KVH, B, G * Q, D)
+    scores = torch.matmul(qp, kv.k.float().transpose(-1, -2))  # [KVH, B, G * Q, L]
+    factor = kv.k_scale.unsqueeze(2) * scale if kv.k_scale is not None else scale
+    scores = (scores * factor).view(KVH, B, G, Q, L).masked_fill(~g.mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(KVH, B, G * Q, L)
+    if kv.v_scale is not None:
+        probs = probs * kv.v_scale.unsqueeze(2)
+    out = torch.matmul(probs, kv.v.float())  # [KVH, B, G * Q, D]
+    out = out.view(KVH, B, G, Q, D).permute(1, 3, 0, 2, 4).reshape(B * Q, H * D)
+    return out[g.q_dest].to(q.dtype)

@@ -43,11 +43,11 @@ def test_write_then_read_round_trips(dtype):
     k, v = torch.randn(8, 2, 64), torch.randn(8, 2, 64)
     slots = torch.tensor([12, 13, 14, 15, 4, 5, 6, 7])  # blocks 3 then 1
     pool.write(1, slots, k, v)
-    rk, rv = pool.gather(1, torch.tensor([[3, 1], [1, 3]]), torch.float32)
-    assert rk.shape == (2, 8, 2, 64)
-    assert torch.equal(rk[0], fmt.dequantize(*fmt.quantize(k)))
-    assert torch.equal(rv[0], fmt.dequantize(*fmt.quantize(v)))
-    assert torch.equal(rk[1], torch.cat([rk[0, 4:], rk[0, :4]]))
+    rk, rv = pool.gather(1, torch.tensor([[3, 1], [1, 3]])).dequantized()
+    assert rk.shape == (2, 2, 8, 64)  # [kv_heads, seqs, tokens, head_dim]
+    assert torch.equal(rk[:, 0], fmt.dequantize(*fmt.quantize(k)).transpose(0, 1))
+    assert torch.equal(rv[:, 0], fmt.dequantize(*fmt.quantize(v)).transpose(0, 1))
+    assert torch.equal(rk[:, 1], torch.cat([rk[:, 0, 4:], rk[:, 0, :4]], dim=1))
 
 
 def test_empty_pool_is_rejected():

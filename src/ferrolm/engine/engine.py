@@ -19,6 +19,7 @@ from ferrolm.kv.dtypes import FORMATS
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget
 from ferrolm.models.loader import load_model
 from ferrolm.models.registry import resolve_model
+from ferrolm.runtime import tune_allocator
 from ferrolm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ferrolm")
@@ -28,6 +29,7 @@ COMPUTE_DTYPES = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        tune_allocator()
         self.config = config
         path = resolve_model(config.model.name)
         self.model = load_model(path, COMPUTE_DTYPES[config.model.dtype])

@@ -75,7 +75,7 @@ class KvFormat:
     scale_dtype: torch.dtype = torch.float16
     reference_only: bool = False
     # Optional fast path for reading: storage -> a float tensor w with w * widen_factor == q
-    # exactly (torch's own fp8 -> fp32 cast is scalar code on CPU, several times slower).
+    # exactly (torch's own fp8 -> fp32 cast is scalar code on CPU, many times slower).
     widen: Callable[[torch.Tensor], torch.Tensor] | None = None
     widen_factor: float = 1.0
 
@@ -123,15 +123,20 @@ class KvFormat:
 
 def _widen_e4m3(q: torch.Tensor) -> torch.Tensor:
     """E4M3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 read 2^8 too small, subnormals
-    included (both formats' exponent biases differ by 8); the caller multiplies by 256."""
-    # Sign-extending int8 -> int16 then << 7 puts the sign in bit 15 (and, for negative
-    # codes, a stray 1 in bit 14, cleared by the mask); two passes instead of four.
-    return ((q.view(torch.int8).to(torch.int16) << 7) & -0x4001).view(torch.float16)
+    included (the exponent biases differ by 15 - 7); the caller multiplies by 256. fp16
+    keeps every code a normal or subnormal fp16 number of moderate size, so nothing is
+    flushed or lost when it is widened to fp32. Shifts and masks run in place."""
+    x = q.view(torch.int8).to(torch.int16)  # sign-extended: bits 7..15 copy the sign
+    x <<= 7  # sign now in bit 15, with a stray copy in bit 14 for negative codes
+    x &= -0x4001  # 0xBFFF: clear bit 14
+    return x.view(torch.float16)
 
 
 def _widen_e5m2(q: torch.Tensor) -> torch.Tensor:
     """E5M2 is the high byte of fp16."""
-    return (q.view(torch.int8).to(torch.int16) << 8).view(torch.float16)
+    x = q.view(torch.int8).to(torch.int16)
+    x <<= 8
+    return x.view(torch.float16)
 
 
 FORMATS: dict[KvCacheDtype, KvFormat] = {

@@ -1,12 +1,15 @@
 """Paged K/V storage for all layers, sized from a byte budget.
 
 Slots are numbered block * block_size + offset. K and V live in one tensor each,
-[layers, slots, kv_heads, head_dim], in the format's storage dtype, plus one scale
-tensor each ([layers, slots, kv_heads], fp16) for scaled formats. Everything is
-allocated once (zeroed) and released with the pool.
+[layers, kv_heads, slots, head_dim] in the format's storage dtype (head-major, so a
+gathered context is already [kv_heads, seqs, tokens, head_dim] for batched matmuls),
+plus one scale tensor each ([layers, kv_heads, slots], fp16) for scaled formats.
+Everything is allocated once (zeroed) and released with the pool.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -47,7 +50,7 @@ class KvPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
-        shape = (num_layers, self.num_slots, num_kv_heads, head_dim)
+        shape = (num_layers, num_kv_heads, self.num_slots, head_dim)
         # Zeroed once: attention reads whole blocks, and the never-written tail of a
         # block must be finite (it is masked, but 0 * NaN would still be NaN).
         self.k = torch.zeros(shape, dtype=fmt.storage, device=device)
@@ -74,31 +77,50 @@ class KvPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v ([tokens, kv_heads, head_dim]) into `slots` of one layer."""
-        kq, ks = self.fmt.quantize(k)
-        vq, vs = self.fmt.quantize(v)
+        kq, ks = self.fmt.quantize(k.transpose(0, 1))
+        vq, vs = self.fmt.quantize(v.transpose(0, 1))
         # Indexed assignment (index_put_) works for every storage dtype, fp8 included.
-        self.k[layer][slots] = kq
-        self.v[layer][slots] = vq
+        self.k[layer][:, slots] = kq
+        self.v[layer][:, slots] = vq
         if ks is not None:
-            self.k_scale[layer][slots] = ks
-            self.v_scale[layer][slots] = vs
+            self.k_scale[layer][:, slots] = ks
+            self.v_scale[layer][:, slots] = vs
 
-    def gather(
-        self, layer: int, block_tables: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantized K, V of whole blocks: [B, nblk] block ids -> [B, nblk * block_size,
-        kv_heads, head_dim] in `dtype`. Whole blocks are copied with index_select (a memcpy
-        per block), many times faster on CPU than indexing slot by slot."""
+    def gather(self, layer: int, block_tables: torch.Tensor) -> KvView:
+        """The K/V of whole blocks, as stored: [B, nblk] block ids -> [kv_heads, B,
+        nblk * block_size, head_dim] (widened to a float dtype if the format has a fast
+        path) and fp32 scales [kv_heads, B, L] with the widening factor folded in (None
+        for unscaled formats). Blocks are copied with index_select, a memcpy per block."""
         B, nblk = block_tables.shape
         ids = block_tables.reshape(-1)
-        L = nblk * self.block_size
+        H, L = self.num_kv_heads, nblk * self.block_size
+        fmt = self.fmt
 
-        def take(t: torch.Tensor | None, tail: tuple[int, ...]) -> torch.Tensor | None:
+        def data(t: torch.Tensor) -> torch.Tensor:
+            out = torch.index_select(t[layer].view(H, self.num_blocks, -1), 1, ids).view(
+                H, B, L, self.head_dim
+            )
+            return fmt.widen(out) if fmt.widen is not None else out
+
+        def scale(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            return torch.index_select(t[layer].view(self.num_blocks, -1), 0, ids).view(B, L, *tail)
+            s = torch.index_select(t[layer].view(H, self.num_blocks, -1), 1, ids).view(H, B, L).float()
+            return s * fmt.widen_factor if fmt.widen_factor != 1.0 else s
 
-        heads = (self.num_kv_heads, self.head_dim)
-        k = self.fmt.dequantize(take(self.k, heads), take(self.k_scale, heads[:1]), dtype)
-        v = self.fmt.dequantize(take(self.v, heads), take(self.v_scale, heads[:1]), dtype)
-        return k, v
+        return KvView(data(self.k), scale(self.k_scale), data(self.v), scale(self.v_scale))
+
+
+class KvView(NamedTuple):
+    """Gathered K/V: k * k_scale[..., None] (and v alike) are the dequantized values."""
+
+    k: torch.Tensor
+    k_scale: torch.Tensor | None
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def deq(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+            return x.float() if s is None else x.float() * s.unsqueeze(-1)
+
+        return deq(self.k, self.k_scale), deq(self.v, self.v_scale)

@@ -36,7 +36,7 @@ def test_cli_chat(default_model_path):
             "run",
             "--chat",
             "--prompt",
-            "What is the capital of France?",
+            "What is the capital of France? Answer in one sentence.",
             "--max-tokens",
             "24",
             "--json",
@@ -44,6 +44,8 @@ def test_cli_chat(default_model_path):
             "int8",
             "--kv-cache-memory-gb",
             "0.05",
+            "--dtype",
+            "float32",
         ],
     )
     assert res.exit_code == 0, res.output

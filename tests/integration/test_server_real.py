@@ -13,7 +13,9 @@ from serving import free_port, running_server
 from ferrolm import KvCacheDtype
 
 pytestmark = pytest.mark.integration
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# The bare question sits on a near-tie between "The" and "L" even with the fp32 cache
+# (0.08 nats), so quantization noise may legitimately flip it; this phrasing does not.
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 @pytest.mark.parametrize("dtype", list(KvCacheDtype))

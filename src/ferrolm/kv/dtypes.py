@@ -112,9 +112,9 @@ class KvFormat:
         self, data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """Inverse of quantize, computed in fp32 and returned in `dtype`."""
-        w = self.widen(data) if self.widen is not None else data
         if not self.scaled:
-            return w.to(dtype) if self.widen_factor == 1.0 else (w.float() * self.widen_factor).to(dtype)
+            return data.to(dtype)
+        w = self.widen(data) if self.widen is not None else data
         s = scale.float()
         if self.widen_factor != 1.0:
             s = s * self.widen_factor

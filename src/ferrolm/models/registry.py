@@ -7,7 +7,6 @@ checked against a recorded sha256 and stored under FERROLM_HOME/models/NAME/.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,7 +148,3 @@ def list_local() -> list[tuple[str, Path, int]]:
         if path is not None:
             out.append((name, path, path.stat().st_size))
     return out
-
-
-def remove(name: str) -> None:
-    shutil.rmtree(model_dir(name), ignore_errors=True)

@@ -7,6 +7,8 @@ import ctypes.util
 import functools
 import sys
 
+import torch
+
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -33,3 +35,29 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1 and ok)
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); on AVX2-only CPUs
+    torch widens bf16 to fp32 around every kernel and bf16 is several times slower."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """'auto' -> bf16 where the CPU has native bf16, else fp32; or the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

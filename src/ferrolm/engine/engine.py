@@ -19,20 +19,18 @@ from ferrolm.kv.dtypes import FORMATS
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget
 from ferrolm.models.loader import load_model
 from ferrolm.models.registry import resolve_model
-from ferrolm.runtime import tune_allocator
+from ferrolm.runtime import resolve_compute_dtype, tune_allocator
 from ferrolm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ferrolm")
-
-COMPUTE_DTYPES = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         tune_allocator()
         self.config = config
         path = resolve_model(config.model.name)
-        self.model = load_model(path, COMPUTE_DTYPES[config.model.dtype])
+        self.compute_dtype = resolve_compute_dtype(config.model.dtype)
+        self.model = load_model(path, self.compute_dtype)
         mcfg = self.model.config
         self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
@@ -58,8 +56,12 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # counters for metrics: tokens of added prompts ...
         self.num_generation_tokens = 0  # ... and tokens sampled
         log.info(
-            "model %s | KV dtype %s | %d bytes/token | cache holds %d tokens (%d blocks of %d)",
+            "model %s | compute %s (%s, CPU %s) | KV dtype %s | %d bytes/token | "
+            "cache holds %d tokens (%d blocks of %d)",
             config.model.name,
+            str(self.compute_dtype).removeprefix("torch."),
+            config.model.dtype,
+            torch.backends.cpu.get_cpu_capability(),
             kv.dtype.value,
             self.pool.bytes_per_token,
             self.pool.capacity_tokens,

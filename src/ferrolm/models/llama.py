@@ -3,6 +3,13 @@
 RMSNorm, RoPE (theta and scaling from the config), grouped-query attention over
 the paged KV pool, SwiGLU MLP. Weights use Hugging Face names and layout.
 Works on flat token batches: [T, hidden] with per-token positions.
+
+Precision: the linear layers run in the compute dtype (bf16 or fp32); the residual
+stream, the norms and the logits are always fp32. Rounding logits to bf16 quantizes
+them to steps of 1/16-1/8 at the magnitudes this model produces, which turned a
+0.08-nat lead ("The capital ..." over "L'Étoile ...") into a tie or a flip; a bf16
+residual stream doubled the KL to fp32 again. Both cost little: the residual is
+[T, hidden], and the fp32 head only reads the step's last rows.
 """
 
 from __future__ import annotations
@@ -97,10 +104,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x in any dtype -> the normalised x in out_dtype (computed in fp32)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (self.weight.float() * xf).to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -144,8 +152,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, pool, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pool, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """x: the fp32 residual stream; the sublayers compute in their weights' dtype."""
+        dt = self.mlp.down_proj.weight.dtype
+        x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, pool, meta).float()
+        return x + self.mlp(self.post_attention_layernorm(x, dt)).float()
 
 
 class LlamaModel(nn.Module):
@@ -176,11 +186,24 @@ class LlamaModel(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
         cos, sin = emb.cos(), emb.sin()
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).float()
         for layer in self.layers:
             x = layer(x, cos, sin, pool, meta)
-        return self.norm(x)
+        return self.norm(x, torch.float32)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """fp32 hidden states -> fp32 logits, with an fp32 head (see the module docstring)."""
+        return F.linear(hidden.float(), self.lm_head.weight.float())
+
+    def to_compute_dtype(self, dtype: torch.dtype) -> LlamaModel:
+        """Linear layers and the embedding to `dtype`; norms and the output head stay fp32
+        (the head becomes an untied fp32 copy when it shares the bf16 embedding)."""
+        keep = {n: p.detach().float() for n, p in self.named_parameters() if n.endswith("norm.weight")}
+        head = self.lm_head.weight.detach().float()
+        self.to(dtype)
+        for name, value in keep.items():
+            self.get_parameter(name).data = value
+        if self.lm_head.weight.dtype != torch.float32:
+            self.lm_head.weight = nn.Parameter(head, requires_grad=False)
+        return self

@@ -79,7 +79,7 @@ def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch
         )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model = model.to(dtype)
+    model = model.to_compute_dtype(dtype)
     model.inv_freq = rope_inv_freq(cfg)  # meta buffers hold no data; frequencies stay fp32
     return model.eval().requires_grad_(False)
 

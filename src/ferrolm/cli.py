@@ -28,7 +28,11 @@ ENGINE_OPTIONS = [
         default=None,
         help="Registry name, .gguf file or HF safetensors folder [default: smollm2-135m].",
     ),
-    option("--dtype", default=None, help="Compute dtype: auto (bfloat16 where the CPU has native bf16, else float32), float32, bfloat16."),
+    option(
+        "--dtype",
+        default=None,
+        help="Compute dtype: auto (bfloat16 where the CPU has native bf16, else float32), float32, bfloat16.",
+    ),
     option(
         "--kv-cache-dtype",
         default=None,

@@ -12,7 +12,7 @@ from ferrolm.engine.outputs import CompletionOutput, RequestOutput
 from ferrolm.engine.runner import ModelRunner
 from ferrolm.engine.sampler import sample
 from ferrolm.engine.sampling_params import SamplingParams
-from ferrolm.engine.scheduler import Scheduler
+from ferrolm.engine.scheduler import ScheduledSeq, Scheduler
 from ferrolm.engine.sequence import Request, SeqStatus, Sequence
 from ferrolm.kv.blocks import BlockManager, blocks_needed
 from ferrolm.kv.dtypes import FORMATS
@@ -23,6 +23,7 @@ from ferrolm.runtime import resolve_compute_dtype, tune_allocator
 from ferrolm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ferrolm")
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
@@ -108,7 +109,7 @@ class LLMEngine:
         for i in range(params.n):
             gen = None
             if params.seed is not None:
-                gen = torch.Generator().manual_seed(params.seed + i)
+                gen = torch.Generator().manual_seed(params.generator_seed(i))
             seqs.append(
                 Sequence(
                     seq_id=next(self._seq_ids),
@@ -142,30 +143,85 @@ class LLMEngine:
 
     # --- the step ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample. A failure that belongs to one request (its
+        logits, its sampling, its detokenization) finishes that request with finish_reason
+        "error" and its message in RequestOutput.error; the others go on untouched."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.execute(batch)
-        rows, seqs = [], []
-        for i, item in enumerate(batch):
-            item.seq.num_computed += item.num_new_tokens
-            self.blocks.register_full_blocks(item.seq)
-            if item.seq.num_computed == item.seq.num_tokens:
-                rows.append(i)
-                seqs.append(item.seq)
-        if not seqs:
-            return []
-        tokens, logprobs = sample(logits[rows], seqs)
-        self.num_generation_tokens += len(tokens)
-        deltas: dict[int, str] = {}
         touched: dict[str, Request] = {}
-        for seq, token, lp in zip(seqs, tokens, logprobs):
-            deltas[seq.seq_id] = self._append_token(seq, token, lp)
+        logits, batch = self._execute(batch, touched)
+        ready = self.scheduler.postprocess(batch)
+        ready_ids = {seq.seq_id for seq in ready}
+        rows = [i for i, item in enumerate(batch) if item.seq.seq_id in ready_ids]
+        if not ready:
+            return self._outputs(touched, {})
+        tokens, logprobs = self._sample(logits[rows], ready, touched)
+        deltas: dict[int, str] = {}
+        for seq, token, lp in zip(ready, tokens, logprobs):
+            if token is None or seq.finished:
+                continue  # its request failed
+            try:
+                deltas[seq.seq_id] = self._append_token(seq, token, lp)
+            except Exception as e:
+                self._fail(self.requests[seq.request_id], e, touched)
+                continue
+            self.num_generation_tokens += 1
             touched[seq.request_id] = self.requests[seq.request_id]
+        return self._outputs(touched, deltas)
+
+    def _execute(self, batch: list[ScheduledSeq], touched: dict[str, Request]):
+        """Logits of the batch. If the batched run fails, each sequence runs alone (its K/V
+        are rewritten to the same slots, so this is safe) and only those that fail alone
+        are finished with an error. Returns (logits, the batch that succeeded)."""
+        try:
+            return self.runner.execute(batch), batch
+        except Exception:
+            log.exception("batched model step failed; retrying its %d sequences one by one", len(batch))
+        done: list[tuple[ScheduledSeq, torch.Tensor]] = []
+        for item in batch:
+            try:
+                done.append((item, self.runner.execute([item])))
+            except Exception as e:
+                self._fail(self.requests[item.seq.request_id], e, touched)
+        done = [(item, row) for item, row in done if not item.seq.finished]  # siblings of failures
+        if not done:
+            return torch.empty(0), []
+        return torch.cat([row for _, row in done]), [item for item, _ in done]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], touched: dict[str, Request]):
+        """sample() over all rows; on failure row by row, failing only the bad rows' requests."""
+        try:
+            return sample(logits, seqs)
+        except Exception:
+            log.exception("sampling failed; sampling the %d rows one by one", len(seqs))
+        tokens: list[int | None] = []
+        logprobs: list[dict[int, float] | None] = []
+        for i, seq in enumerate(seqs):
+            try:
+                t, lp = sample(logits[i : i + 1], [seq])
+                tokens.append(t[0])
+                logprobs.append(lp[0])
+            except Exception as e:
+                self._fail(self.requests[seq.request_id], e, touched)
+                tokens.append(None)
+                logprobs.append(None)
+        return tokens, logprobs
+
+    def _fail(self, req: Request, error: Exception, touched: dict[str, Request]) -> None:
+        """Finish every sequence of `req` with "error", freeing its blocks."""
+        log.warning("request %s failed: %s: %s", req.request_id, type(error).__name__, error)
+        req.error = req.error or f"{type(error).__name__}: {error}"
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, "error")
+        touched[req.request_id] = req
+
+    def _outputs(self, touched: dict[str, Request], deltas: dict[int, str]) -> list[RequestOutput]:
         outputs = [self._output(req, deltas) for req in touched.values()]
         for req in touched.values():
             if req.finished:
-                del self.requests[req.request_id]
+                self.requests.pop(req.request_id, None)
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> str:
@@ -213,7 +269,9 @@ class LLMEngine:
             )
             for s in req.seqs
         ]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished)
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, error=req.error
+        )
 
     # --- introspection -----------------------------------------------------------
     def stats(self) -> dict[str, object]:

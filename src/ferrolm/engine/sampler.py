@@ -3,6 +3,10 @@
 Greedy rows take the argmax. Sampled rows apply penalties, temperature, top-k,
 top-p and min-p, then draw with the sequence's own torch.Generator when it has a
 seed, so a seeded request draws the same tokens whatever else shares the batch.
+
+Numerics: every accepted parameter value is safe. Penalised logits are clamped to
++-LOGIT_LIMIT (a repetition penalty of 1e-300 would make them inf), and temperatures
+below MIN_TEMPERATURE are greedy, so logits / temperature stays finite in fp32.
 """
 
 from __future__ import annotations
@@ -11,14 +15,24 @@ import torch
 
 from ferrolm.engine.sequence import Sequence
 
+LOGIT_LIMIT = 1e30  # / MIN_TEMPERATURE (1e-5) = 1e35, still finite in fp32
+
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """Penalties for one row ([V]); returns the row unchanged when none is set."""
     p = seq.params
-    if p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0:
+    if (
+        p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and not p.logit_bias
+    ):
         return logits
     vocab = logits.shape[-1]
     logits = logits.clone()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(seq.token_ids, dtype=torch.long, device=logits.device).clamp(max=vocab - 1)
         vals = logits[seen]
@@ -27,7 +41,7 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         out = torch.tensor(seq.output_ids, dtype=torch.long, device=logits.device).clamp(max=vocab - 1)
         counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    return logits.nan_to_num(nan=float("-inf")).clamp(-LOGIT_LIMIT, LOGIT_LIMIT)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -47,7 +61,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits [B, V] fp32, one row per sequence -> (token per row, top-N logprobs per row)."""
+    """logits [B, V] fp32, one row per sequence -> (token per row, top-N logprobs per row).
+    Raises if a row cannot be sampled (e.g. no finite logit); the engine then samples
+    row by row to finish only the sequence that failed."""
     rows = [apply_penalties(logits[i], s) for i, s in enumerate(seqs)]
     logits = torch.stack(rows) if rows else logits
     greedy_ids = logits.argmax(-1).tolist()

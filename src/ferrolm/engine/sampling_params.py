@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this are treated as greedy (vLLM's _SAMPLING_EPS): dividing logits
+# by a denormal temperature overflows them to inf and the softmax to NaN.
+MIN_TEMPERATURE = 1e-5
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
 
 @dataclass
 class SamplingParams:
@@ -21,12 +26,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self.validate()
 
     def validate(self) -> None:
@@ -36,11 +43,25 @@ class SamplingParams:
                 isinstance(self.max_tokens, int) and self.max_tokens >= 1,
                 f"max_tokens must be an integer >= 1, got {self.max_tokens}",
             ),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (
+                isinstance(self.temperature, int | float) and 0 <= self.temperature < float("inf"),
+                f"temperature must be a finite number >= 0, got {self.temperature}",
+            ),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k == -1 or self.top_k >= 0, f"top_k must be -1 (off) or >= 0, got {self.top_k}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (
+                0 < self.repetition_penalty < float("inf"),
+                f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}",
+            ),
+            (
+                self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX),
+                f"seed must be an integer that fits in 64 bits, got {self.seed}",
+            ),
+            (
+                all(-100 <= b <= 100 for b in self.logit_bias.values()),
+                "logit_bias values must be in [-100, 100]",
+            ),
             (
                 -2 <= self.presence_penalty <= 2,
                 f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
@@ -60,4 +81,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
+
+    def generator_seed(self, index: int) -> int:
+        """The seed of the request's index-th completion, wrapped into torch's range."""
+        return (self.seed + index) % 2**64

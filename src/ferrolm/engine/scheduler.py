@@ -77,6 +77,18 @@ class Scheduler:
             budget -= n
         return scheduled
 
+    def postprocess(self, batch: list[ScheduledSeq]) -> list[Sequence]:
+        """After the model ran `batch`: count its tokens as computed and register newly
+        full blocks for prefix caching. Returns the sequences whose tokens are now all
+        computed, in batch order: those sample their next token from this step's logits."""
+        ready = []
+        for item in batch:
+            item.seq.num_computed += item.num_new_tokens
+            self.blocks.register_full_blocks(item.seq)
+            if item.seq.num_computed == item.seq.num_tokens:
+                ready.append(item.seq)
+        return ready
+
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the newest running sequences until `seq` can grow; False if `seq` itself went."""
         while not self.blocks.can_grow(seq, num_tokens):

@@ -60,6 +60,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+    error: str | None = None  # why the request failed (its sequences finish with "error")
 
     @property
     def finished(self) -> bool:

@@ -22,8 +22,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(model: str, served_name: str | None = None, api_key: str | None = None, **flags):
-    engine = LLMEngine(EngineConfig().with_flags({"model": model, **flags}))
-    app = create_app(engine, served_name or model, api_key)
+    """flags: engine and server settings (FLAGS names)."""
+    cfg = EngineConfig().with_flags({"model": model, "api_key": api_key, **flags})
+    engine = LLMEngine(cfg)
+    app = create_app(engine, cfg.server, served_name or model)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

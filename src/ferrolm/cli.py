@@ -10,77 +10,80 @@ import functools
 import json
 import logging
 import sys
+import typing
 
 import click
 
-from ferrolm.config import ENGINE_FLAGS, EngineConfig, env_var, explain
+from ferrolm.config import ENGINE_FLAGS, SERVER_FLAGS, EngineConfig, Flag, env_var, explain
 
 
-def option(flag: str, *dest: str, **kw):
-    """A click option whose env var follows the FERROLM_<FLAG> rule."""
+def option(flag: str, *dest: str, command: str | None = None, **kw):
+    """A click option of one command. Its env var is FERROLM_<COMMAND>_<FLAG>, so that a
+    command's own flags (eval's comma-separated --kv-cache-dtype, run's --json) never read
+    a variable meant for the engine or another command."""
     name = flag.split("/")[0].removeprefix("--")
-    return click.option(flag, *dest, envvar=env_var(name), show_envvar=True, **kw)
+    return click.option(flag, *dest, envvar=env_var(f"{command}-{name}"), show_envvar=True, **kw)
 
 
-ENGINE_OPTIONS = [
-    option(
-        "--model",
-        default=None,
-        help="Registry name, .gguf file or HF safetensors folder [default: smollm2-135m].",
-    ),
-    option(
-        "--dtype",
-        default=None,
-        help="Compute dtype: auto (bfloat16 where the CPU has native bf16, else float32), float32, bfloat16.",
-    ),
-    option(
-        "--kv-cache-dtype",
-        default=None,
-        help="KV cache dtype: fp16 (default), bf16, int8, fp8, fp8_e5m2, fp32.",
-    ),
-    option("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget in GiB [default: 2]."),
-    option(
-        "--kv-cache-num-blocks",
-        type=int,
-        default=None,
-        help="Explicit KV block count (overrides the budget).",
-    ),
-    option("--block-size", type=int, default=None, help="Tokens per KV block [default: 16]."),
-    option(
-        "--max-model-len", type=int, default=None, help="Longest prompt + completion [default: the model's]."
-    ),
-    option("--max-num-seqs", type=int, default=None, help="Most sequences per step [default: 64]."),
-    option("--max-num-batched-tokens", type=int, default=None, help="Most tokens per step [default: 512]."),
-    option(
-        "--enable-prefix-caching/--no-enable-prefix-caching",
-        default=None,
-        help="Reuse cached prompt prefixes.",
-    ),
-    option(
+def _click_type(annotation) -> type:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return next((t for t in (bool, int, float) if args[0] is t), str)
+
+
+def flag_option(name: str, flag: Flag):
+    """The click option of one FLAGS entry: type, help and default from the config field,
+    env var FERROLM_<NAME>; default None so that 'not given' leaves file and env alone."""
+    opt = "--" + name.replace("_", "-")
+    kind = _click_type(flag.annotation)
+    default = flag.default
+    shown = f" [default: {default}]" if default is not None and "[default" not in flag.help else ""
+    kw = dict(default=None, help=flag.help + shown, envvar=env_var(name), show_envvar=True)
+    if kind is bool:
+        return click.option(f"{opt}/--no-{opt[2:]}", name, **kw)
+    return click.option(opt, name, type=kind, **kw)
+
+
+def config_file_option():
+    return click.option(
         "--config",
         "config_file",
         type=click.Path(dir_okay=False),
         default=None,
+        envvar=env_var("config"),
+        show_envvar=True,
         help="Config file (.toml/.yaml/.json).",
-    ),
-]
+    )
 
 
-def engine_options(f):
-    """Adds the engine flags; the command gets `config: EngineConfig` instead of them."""
+def engine_options(*tables):
+    """Adds the flags of `tables` (ENGINE_FLAGS by default) and --config; the command
+    gets `config: EngineConfig` (files, env and flags merged) instead of them."""
+    tables = tables or (ENGINE_FLAGS,)
+    names = {n: fl for t in tables for n, fl in t.items()}
 
-    @functools.wraps(f)
-    def wrapper(*args, config_file=None, **kwargs):
-        flags = {k: kwargs.pop(k) for k in list(kwargs) if k in ENGINE_FLAGS}
-        try:
-            cfg = EngineConfig.resolve(config_file, flags=flags)
-        except (ValueError, FileNotFoundError) as e:
-            fail(explain(e))
-        return f(*args, config=cfg, **kwargs)
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, config_file=None, **kwargs):
+            flags = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            try:
+                cfg = EngineConfig.resolve(config_file, flags=flags)
+            except (ValueError, FileNotFoundError) as e:
+                fail(explain(e))
+            return f(*args, config=cfg, **kwargs)
 
-    for opt in reversed(ENGINE_OPTIONS):
-        wrapper = opt(wrapper)
-    return wrapper
+        wrapper = config_file_option()(wrapper)
+        for name, fl in reversed(names.items()):
+            wrapper = flag_option(name, fl)(wrapper)
+        return wrapper
+
+    return decorate
+
+
+run_option = functools.partial(option, command="run")
+serve_option = functools.partial(option, command="serve")
+config_option = functools.partial(option, command="config")
+eval_option = functools.partial(option, command="eval")
+bench_option = functools.partial(option, command="bench")
 
 
 def fail(message: str, code: int = 2):
@@ -103,15 +106,19 @@ def make_llm(config: EngineConfig):
 
 
 @app.command()
-@option("--prompt", default=None, help="Prompt text; without it, an interactive chat starts.")
-@option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
-@option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
-@option("--top-k", type=int, default=-1, show_default=True, help="Sample among the k most likely (-1: off).")
-@option("--seed", type=int, default=None, help="Sampling seed.")
-@option("--chat", is_flag=True, default=False, help="Apply the model's chat template to --prompt.")
-@option("--json", "as_json", is_flag=True, default=False, help="Print a JSON object with text and token_ids.")
-@engine_options
+@run_option("--prompt", default=None, help="Prompt text; without it, an interactive chat starts.")
+@run_option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
+@run_option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@run_option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
+@run_option(
+    "--top-k", type=int, default=-1, show_default=True, help="Sample among the k most likely (-1: off)."
+)
+@run_option("--seed", type=int, default=None, help="Sampling seed.")
+@run_option("--chat", is_flag=True, default=False, help="Apply the model's chat template to --prompt.")
+@run_option(
+    "--json", "as_json", is_flag=True, default=False, help="Print a JSON object with text and token_ids."
+)
+@engine_options()
 def run(prompt, max_tokens, temperature, top_p, top_k, seed, chat, as_json, config) -> None:
     """Generate a completion for a prompt, or chat interactively."""
     from ferrolm.engine.sampling_params import SamplingParams
@@ -177,56 +184,60 @@ def interactive_chat(llm, params) -> None:
 
 
 @app.command()
-@option(
-    "--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told otherwise)."
-)
-@option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
-@option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1/*.")
-@option("--served-model-name", default=None, help="Model id clients use [default: the --model string].")
-@option("--log-level", default="info", show_default=True, help="uvicorn log level.")
-@engine_options
-def serve(host, port, api_key, served_model_name, log_level, config) -> None:
+@serve_option("--log-level", default="info", show_default=True, help="uvicorn log level.")
+@engine_options(ENGINE_FLAGS, SERVER_FLAGS)
+def serve(log_level, config) -> None:
     """Serve the OpenAI API (completions, chat, models, health, metrics)."""
     import uvicorn
 
     from ferrolm.server.app import create_app
 
     llm = make_llm(config)
-    app_ = create_app(llm.engine, served_model_name or config.model.name, api_key)
-    uvicorn.run(app_, host=host, port=port, log_level=log_level)
+    app_ = create_app(llm.engine, config.server, config.model.name)
+    uvicorn.run(app_, host=config.server.host, port=config.server.port, log_level=log_level)
 
 
 @app.command("config")
-@option("--format", "fmt", type=click.Choice(["toml", "yaml", "json"]), default="toml", show_default=True)
-@engine_options
+@config_option(
+    "--format", "fmt", type=click.Choice(["toml", "yaml", "json"]), default="toml", show_default=True
+)
+@engine_options(ENGINE_FLAGS, SERVER_FLAGS)
 def show_config(fmt, config) -> None:
     """Print the effective config after files, env and flags are merged."""
     click.echo(config.dumps(fmt), nl=False)
 
 
 @app.command("eval")
-@option("--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder.")
-@option(
+@eval_option(
+    "--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder."
+)
+@eval_option(
     "--kv-cache-dtype",
     default="fp16,bf16,int8,fp8,fp8_e5m2",
     show_default=True,
     help="KV dtypes to compare with the fp32 cache, comma separated.",
 )
-@option(
+@eval_option(
     "--text",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
     help="Text file to score [default: State of the Union excerpt shipped with ferrolm].",
 )
-@option("--context", type=int, default=1024, show_default=True, help="Tokens per window.")
-@option("--windows", type=int, default=8, show_default=True, help="Number of windows (run as one batch).")
-@option("--prefix", type=int, default=None, help="Tokens prefilled before scoring [default: context / 2].")
-@option("--chunk", type=int, default=128, show_default=True, help="Scored tokens per step.")
-@option("--dtype", default="float32", show_default=True, help="Compute dtype.")
-@option(
+@eval_option("--context", type=int, default=1024, show_default=True, help="Tokens per window.")
+@eval_option(
+    "--windows", type=int, default=8, show_default=True, help="Number of windows (run as one batch)."
+)
+@eval_option(
+    "--prefix", type=int, default=None, help="Tokens prefilled before scoring [default: context / 2]."
+)
+@eval_option("--chunk", type=int, default=128, show_default=True, help="Scored tokens per step.")
+@eval_option(
+    "--dtype", default="auto", show_default=True, help="Compute dtype (auto: what `serve` would use here)."
+)
+@eval_option(
     "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON."
 )
-@option(
+@eval_option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Quality vs bytes/token PNG."
 )
 def eval_cmd(
@@ -246,6 +257,7 @@ def eval_cmd(
     except ValueError as e:
         fail(str(e))
     body = Path(text).read_text() if text else sample_text()
+    dtype = compute_dtype_name(dtype)
     prefix = context // 2 if prefix is None else prefix
     total = context - 1
     with tqdm(total=total, unit="pos", desc=f"eval {len(dtypes) + 1} KV dtypes x {windows} windows") as bar:
@@ -256,6 +268,18 @@ def eval_cmd(
         except (ValueError, FileNotFoundError) as e:
             fail(explain(e))
     emit_report(report, format_table, plot, json_path, plot_path)
+
+
+def compute_dtype_name(name: str) -> str:
+    """'auto' resolved for this CPU, so reports name the dtype that actually ran."""
+    from ferrolm.config import ModelConfig
+    from ferrolm.runtime import resolve_compute_dtype
+
+    try:
+        name = ModelConfig(dtype=name).dtype
+    except ValueError as e:
+        fail(explain(e))
+    return str(resolve_compute_dtype(name)).removeprefix("torch.")
 
 
 def emit_report(report: dict, format_table, plot, json_path: str | None, plot_path: str | None) -> None:
@@ -277,31 +301,46 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 @app.command("bench")
-@option("--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder.")
-@option("--kv-cache-dtype", default="fp16,int8,fp8", show_default=True, help="KV dtypes, comma separated.")
-@option("--dtype", default="float32", show_default=True, help="Compute dtype (also the HF baseline's).")
-@option("--prompt-len", type=int, default=256, show_default=True, help="Prompt tokens per request.")
-@option("--output-len", type=int, default=64, show_default=True, help="Generated tokens per request.")
-@option("--concurrency", default="1,4,16", show_default=True, help="Concurrent requests, comma separated.")
-@option(
+@bench_option(
+    "--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder."
+)
+@bench_option(
+    "--kv-cache-dtype", default="fp16,int8,fp8", show_default=True, help="KV dtypes, comma separated."
+)
+@bench_option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Compute dtype, auto as `serve` (also the HF baseline's).",
+)
+@bench_option("--prompt-len", type=int, default=256, show_default=True, help="Prompt tokens per request.")
+@bench_option("--output-len", type=int, default=64, show_default=True, help="Generated tokens per request.")
+@bench_option(
+    "--concurrency", default="1,4,16", show_default=True, help="Concurrent requests, comma separated."
+)
+@bench_option(
     "--context-lens",
     default="128,512,1024",
     show_default=True,
     help="Context lengths for the decode-time curve ('' to skip).",
 )
-@option("--repeats", type=int, default=3, show_default=True, help="Repeats per point (medians reported).")
-@option("--kv-cache-memory-gb", type=float, default=1.0, show_default=True, help="KV cache budget in GiB.")
-@option(
+@bench_option(
+    "--repeats", type=int, default=3, show_default=True, help="Repeats per point (medians reported)."
+)
+@bench_option(
+    "--kv-cache-memory-gb", type=float, default=1.0, show_default=True, help="KV cache budget in GiB."
+)
+@bench_option(
     "--baseline",
     type=click.Choice(["none", "hf"]),
     default="none",
     show_default=True,
     help="Also run HF transformers generate on the same weights.",
 )
-@option(
+@bench_option(
     "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON."
 )
-@option(
+@bench_option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Throughput/decode-time PNG."
 )
 def bench_cmd(
@@ -330,7 +369,7 @@ def bench_cmd(
     cfg = BenchConfig(
         model=model,
         kv_dtypes=kv,
-        compute_dtype=dtype,
+        compute_dtype=compute_dtype_name(dtype),
         prompt_len=prompt_len,
         output_len=output_len,
         concurrency=_ints(concurrency),

@@ -1,9 +1,9 @@
 """EngineConfig and its parts; files (TOML/YAML/JSON), FERROLM_* env vars, flags.
 
-One table, ENGINE_FLAGS, names every engine setting a user can set outside a file:
-the LLM(...) keyword (vLLM's name), the CLI flag (same name with dashes) and the
-environment variable (FERROLM_ + the name in upper case). Precedence:
-flag > env > config file > default.
+One table, FLAGS, names every setting a user can set outside a file: the
+LLM(...) keyword (vLLM's name; engine settings only), the CLI flag (same name with
+dashes, generated from the table with its help) and the environment variable
+(FERROLM_ + the name in upper case). Precedence: flag > env > config file > default.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ class ModelConfig(_Part):
     name: str = DEFAULT_MODEL
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
+    max_logprobs: int = Field(default=20, ge=0)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -56,10 +58,27 @@ class SchedulerConfig(_Part):
     max_num_batched_tokens: int = Field(default=512, ge=1)
 
 
+class ServerConfig(_Part):
+    """The HTTP server's settings and the limits it puts on one request."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_request_body_mb: float = Field(default=4.0, gt=0)
+    max_n: int = Field(default=16, ge=1)
+    max_prompts: int = Field(default=64, ge=1)
+    max_stop: int = Field(default=16, ge=0)
+    max_stop_len: int = Field(default=256, ge=1)
+    request_timeout: float = Field(default=600.0, ge=0)
+    enable_docs: bool = False
+
+
 class EngineConfig(_Part):
     model: ModelConfig = Field(default_factory=ModelConfig)
     kv_cache: KvCacheConfig = Field(default_factory=KvCacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     # --- files -----------------------------------------------------------------
     @classmethod
@@ -85,17 +104,19 @@ class EngineConfig(_Part):
         raise ValueError(f"unknown config format {fmt!r}; use toml, yaml or json")
 
     # --- flags and environment --------------------------------------------------
-    def with_flags(self, flags: Mapping[str, Any]) -> EngineConfig:
-        """A copy with ENGINE_FLAGS-named values applied (None means 'not given')."""
+    def with_flags(self, flags: Mapping[str, Any], table: Mapping[str, Flag] | None = None) -> EngineConfig:
+        """A copy with FLAGS-named values applied (None means 'not given'). `table`
+        limits which names are accepted (LLM(...) takes ENGINE_FLAGS only)."""
+        table = FLAGS if table is None else table
         data = self.model_dump()
         for name, value in flags.items():
             if value is None:
                 continue
-            if name not in ENGINE_FLAGS:
-                valid = ", ".join(sorted(ENGINE_FLAGS))
+            if name not in table:
+                valid = ", ".join(sorted(table))
                 raise TypeError(f"unknown engine setting {name!r}; valid: {valid}")
-            part, field = ENGINE_FLAGS[name]
-            data[part][field] = value
+            flag = table[name]
+            data[flag.part][flag.field] = value
         return EngineConfig.model_validate(data)
 
     @classmethod
@@ -113,19 +134,70 @@ class EngineConfig(_Part):
         return cfg.with_flags({**env_flags(env), **given})
 
 
-# LLM keyword / CLI flag name -> (config part, field).
-ENGINE_FLAGS: dict[str, tuple[str, str]] = {
-    "model": ("model", "name"),
-    "dtype": ("model", "dtype"),
-    "max_model_len": ("model", "max_model_len"),
-    "kv_cache_dtype": ("kv_cache", "dtype"),
-    "kv_cache_memory_gb": ("kv_cache", "memory_gb"),
-    "kv_cache_num_blocks": ("kv_cache", "num_blocks"),
-    "block_size": ("kv_cache", "block_size"),
-    "enable_prefix_caching": ("kv_cache", "enable_prefix_caching"),
-    "max_num_seqs": ("scheduler", "max_num_seqs"),
-    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+@dataclass(frozen=True)
+class Flag:
+    part: str  # EngineConfig part
+    field: str  # field of that part
+    help: str
+
+    @property
+    def default(self) -> Any:
+        return _PARTS[self.part].model_fields[self.field].default
+
+    @property
+    def annotation(self) -> Any:
+        return _PARTS[self.part].model_fields[self.field].annotation
+
+
+_PARTS: dict[str, type[_Part]] = {
+    "model": ModelConfig,
+    "kv_cache": KvCacheConfig,
+    "scheduler": SchedulerConfig,
+    "server": ServerConfig,
 }
+
+# Settings of the engine: LLM(...) keywords and the flags of run, serve and config.
+ENGINE_FLAGS: dict[str, Flag] = {
+    "model": Flag("model", "name", "Registry name, .gguf file or HF safetensors folder."),
+    "dtype": Flag(
+        "model",
+        "dtype",
+        "Compute dtype: auto (bfloat16 where the CPU has native bf16, AVX512-BF16 or AMX; "
+        "else float32), float32, bfloat16.",
+    ),
+    "max_model_len": Flag("model", "max_model_len", "Longest prompt + completion [default: the model's]."),
+    "max_logprobs": Flag("model", "max_logprobs", "Most logprobs a request may ask for per token."),
+    "kv_cache_dtype": Flag(
+        "kv_cache", "dtype", f"KV cache dtype: {', '.join(d.value for d in KvCacheDtype)} (or an alias)."
+    ),
+    "kv_cache_memory_gb": Flag("kv_cache", "memory_gb", "KV cache budget in GiB."),
+    "kv_cache_num_blocks": Flag("kv_cache", "num_blocks", "Explicit KV block count (overrides the budget)."),
+    "block_size": Flag("kv_cache", "block_size", "Tokens per KV block."),
+    "enable_prefix_caching": Flag("kv_cache", "enable_prefix_caching", "Reuse cached prompt prefixes."),
+    "max_num_seqs": Flag("scheduler", "max_num_seqs", "Most sequences per step."),
+    "max_num_batched_tokens": Flag("scheduler", "max_num_batched_tokens", "Most tokens per step."),
+}
+
+# Settings of the HTTP server (ferrolm serve; [server] in a config file).
+SERVER_FLAGS: dict[str, Flag] = {
+    "host": Flag("server", "host", "Address to bind (loopback unless told otherwise)."),
+    "port": Flag("server", "port", "Port to listen on."),
+    "api_key": Flag("server", "api_key", "Require 'Authorization: Bearer KEY' on /v1/* (and /docs)."),
+    "served_model_name": Flag(
+        "server", "served_model_name", "Model id clients use [default: the --model string]."
+    ),
+    "max_request_body_mb": Flag("server", "max_request_body_mb", "Largest request body in MiB (413 above)."),
+    "max_n": Flag("server", "max_n", "Most completions per request (n)."),
+    "max_prompts": Flag("server", "max_prompts", "Most prompts in one /v1/completions request."),
+    "max_stop": Flag("server", "max_stop", "Most stop strings per request."),
+    "max_stop_len": Flag("server", "max_stop_len", "Longest stop string, in characters."),
+    "request_timeout": Flag(
+        "server", "request_timeout", "Seconds a request may run before it is aborted (0: no limit)."
+    ),
+    "enable_docs": Flag("server", "enable_docs", "Serve /docs, /redoc and /openapi.json."),
+}
+
+FLAGS: dict[str, Flag] = {**ENGINE_FLAGS, **SERVER_FLAGS}
 
 
 def env_var(flag: str) -> str:
@@ -133,8 +205,8 @@ def env_var(flag: str) -> str:
 
 
 def env_flags(env: Mapping[str, str]) -> dict[str, str]:
-    """Engine settings given as FERROLM_* variables (values stay strings; pydantic parses)."""
-    return {name: env[env_var(name)] for name in ENGINE_FLAGS if env.get(env_var(name), "") != ""}
+    """Settings given as FERROLM_* variables (values stay strings; pydantic parses)."""
+    return {name: env[env_var(name)] for name in FLAGS if env.get(env_var(name), "") != ""}
 
 
 def _format_of(path: Path) -> str:

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from ferrolm.config import EngineConfig
+from ferrolm.config import ENGINE_FLAGS, EngineConfig
 from ferrolm.engine.engine import LLMEngine
 from ferrolm.engine.outputs import RequestOutput
 from ferrolm.engine.sampling_params import SamplingParams
@@ -23,7 +23,7 @@ class LLM:
         self, model: str | None = None, *, config: EngineConfig | None = None, **kwargs: Any
     ) -> None:
         config = config or EngineConfig()
-        self.config = config.with_flags({"model": model, **kwargs})
+        self.config = config.with_flags({"model": model, **kwargs}, ENGINE_FLAGS)
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
 

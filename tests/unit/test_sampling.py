@@ -69,12 +69,21 @@ def test_logprobs(llm):
         (dict(max_tokens=0), "max_tokens"),
         (dict(n=0), "n must"),
         (dict(top_k=-5), "top_k"),
-        (dict(logprobs=100), "logprobs"),
+        (dict(logprobs=-1), "logprobs"),
     ],
 )
 def test_invalid_params(kwargs, word):
     with pytest.raises(ValueError, match=word):
         SamplingParams(**kwargs)
+
+
+def test_engine_limits_logprobs_and_token_ids(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match="max_logprobs"):
+        eng.check_request(3, SamplingParams(logprobs=21))
+    with pytest.raises(ValueError, match="logit_bias"):
+        eng.check_request(3, SamplingParams(logit_bias={10_000: 1.0}))
+    eng.check_request(3, SamplingParams(logprobs=20))
 
 
 def _seq(tokens, prompt_len, **params):

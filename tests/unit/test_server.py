@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import running_server
 
 MODEL = "tiny"
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +135,86 @@ def test_stop_and_logprobs(client):
         ({"model": MODEL, "prompt": "x", "top_p": 3}, 400, "top_p"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "word " * 400}, 400, "max_model_len"),
-        ({"model": MODEL, "prompt": "x", "max_tokens": 1000}, 400, "maximum context length"),
+        ({"model": MODEL, "prompt": "x", "seed": 2**64}, 400, "seed"),
+        ({"model": MODEL, "prompt": "x", "seed": -(2**63) - 1}, 400, "seed"),
+        ({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+        ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "suffix"),
+        ({"model": MODEL, "prompt": "x", "best_of": 3}, 400, "best_of"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "max_logprobs"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+        ({"model": MODEL, "prompt": "x", "n": 17}, 400, "max_n"),
+        ({"model": MODEL, "prompt": ["x"] * 65}, 400, "max_prompts"),
+        ({"model": MODEL, "prompt": "x", "stop": ["a"] * 17}, 400, "max_stop"),
+        ({"model": MODEL, "prompt": "x", "stop": "a" * 257}, 400, "max_stop_len"),
+        ({"model": MODEL, "prompt": "bad \ud800 text"}, 422, "Unicode"),
         ({"model": MODEL}, 422, "prompt"),
         ({"model": MODEL, "prompt": "x", "n": "many"}, 422, "n"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, word):
     url, engine = server
-    r = httpx.post(url + "/v1/completions", json=body)
+    r = httpx.post(url + "/v1/completions", content=json.dumps(body), headers=JSON)  # ASCII-escaped
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert word in err["message"] and err["code"] == status
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_long_max_tokens_finishes_with_length_at_max_model_len(client, server):
+    _, engine = server
+    r = client.completions.create(
+        model=MODEL, prompt="The", max_tokens=1000, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == engine.max_model_len
+
+
+@pytest.mark.parametrize(
+    "extra,status,word",
+    [
+        ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ({"tool_choice": "auto"}, 400, "tool"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"functions": [{"name": "f"}]}, 400, "functions"),
+        ({"messages": [{"role": "user", "content": "\udfff"}]}, 422, "Unicode"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400, "image"),
+    ],
+)
+def test_chat_rejects_what_it_does_not_implement(server, extra, status, word):
+    url, engine = server
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra}
+    r = httpx.post(url + "/v1/chat/completions", content=json.dumps(body), headers=JSON)
+    assert r.status_code == status, r.text
+    assert word in r.json()["error"]["message"]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_accepted_extras_work(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        user="someone",
+        response_format={"type": "text"},
+        logit_bias={"42": 100},
+    )
+    assert r.choices[0].message.content  # forced token 42 three times
+    echo = client.completions.create(model=MODEL, prompt="The people", max_tokens=3, temperature=0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt="The people", max_tokens=3, temperature=0)
+    assert echo.choices[0].text == "The people" + plain.choices[0].text
+
+
+def test_models_retrieve_and_docs_off(server, client):
+    url, _ = server
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        r = httpx.get(url + path)
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404
 
 
 def test_malformed_json_and_unknown_route(server):

@@ -83,6 +83,12 @@ class LLMEngine:
     def check_request(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Reject what can never run, before anything is allocated."""
         params.validate()
+        top = self.config.model.max_logprobs
+        if params.logprobs is not None and params.logprobs > top:
+            raise ValueError(f"logprobs must be at most {top} (max_logprobs), got {params.logprobs}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in [*params.logit_bias, *params.stop_token_ids]):
+            raise ValueError(f"logit_bias and stop_token_ids take token ids in [0, {vocab})")
         if num_prompt_tokens >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {num_prompt_tokens} tokens, but max_model_len is {self.max_model_len}: "
@@ -277,6 +283,7 @@ class LLMEngine:
     def stats(self) -> dict[str, object]:
         running = sum(1 for s in self.scheduler.running if s.status is SeqStatus.RUNNING)
         return {
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "kv_dtype": self.kv_format.dtype.value,
             "kv_bytes_per_token": self.pool.bytes_per_token,
             "kv_blocks_total": self.blocks.num_blocks,

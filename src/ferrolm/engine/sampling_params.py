@@ -71,8 +71,8 @@ class SamplingParams:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (
-                self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-                f"logprobs must be an integer in [0, 20], got {self.logprobs}",
+                self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+                f"logprobs must be an integer >= 0, got {self.logprobs}",
             ),
         ]
         for ok, message in checks:

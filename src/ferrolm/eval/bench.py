@@ -114,8 +114,9 @@ def hf_model_like(engine: LLMEngine):
     )
     with torch.device("meta"):
         hf = LlamaForCausalLM(hf_cfg)
+    # HF runs every tensor in the compute dtype (ferrolm keeps norms and head in fp32).
     state = {
-        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
+        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.to(engine.compute_dtype)
         for k, v in engine.model.state_dict().items()
     }
     hf.load_state_dict(state, strict=False, assign=True)

@@ -1,9 +1,13 @@
-"""AsyncEngine: one background thread steps the LLMEngine; asyncio callers get streams.
+"""AsyncEngine: the server's only view of the engine.
 
-Requests are validated in the caller's thread (so a bad one fails at once and
-touches nothing), then handed to the engine thread through a command queue, which
-applies additions and aborts between steps. Each request's outputs come back on
-its own asyncio.Queue.
+One background thread steps the LLMEngine; asyncio callers get streams. Prompts
+are tokenized and validated on a small thread pool, off the event loop (a large
+prompt or chat template must not stall /health or other streams), so a bad
+request fails at once and touches nothing; then it is handed to the engine thread
+through a command queue, which applies additions and aborts between steps. Each
+request's outputs come back on its own asyncio.Queue. A request that fails inside
+the engine comes back as a finished output with `error` set; an unexpected failure
+of a whole step fails the requests in flight and the thread goes on serving.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ferrolm.engine.engine import LLMEngine
@@ -43,6 +48,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ferrolm-engine", daemon=True)
         self.lock = threading.Lock()  # guards engine state read by stats()
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ferrolm-tokenize")
 
     def start(self) -> None:
         self._thread.start()
@@ -51,13 +57,43 @@ class AsyncEngine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- what the server may know of the engine ------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return self.engine.kv_format.dtype.value
+
+    def default_max_tokens(self, num_prompt_tokens: int) -> int:
+        """As vLLM: the rest of the context, within what the cache can hold."""
+        room = min(self.engine.max_model_len, self.engine.pool.capacity_tokens) - num_prompt_tokens
+        return max(1, room)
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def text_of(self, token_ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(token_ids)
 
     # --- called from the event loop -------------------------------------------------
-    def prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
-        """Tokenize and validate; raises ValueError for a request that can never run."""
-        ids = self.engine.encode_prompt(prompt)
-        self.engine.check_request(len(ids), params)
-        return ids
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (text or ids), computed off the event loop."""
+        return await self._off_loop(self.engine.encode_prompt, prompt)
+
+    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the model's chat template, off the loop."""
+        return await self._off_loop(self.engine.tokenizer.apply_chat_template, messages)
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The engine's one admission rule; raises ValueError for a request that can never run."""
+        self.engine.check_request(len(prompt_ids), params)
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams

@@ -56,6 +56,7 @@ class KvCacheConfig(_Part):
 class SchedulerConfig(_Part):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=1)
+    long_prefill_token_threshold: int | None = Field(default=None, ge=1)
 
 
 class ServerConfig(_Part):
@@ -176,6 +177,9 @@ ENGINE_FLAGS: dict[str, Flag] = {
     "enable_prefix_caching": Flag("kv_cache", "enable_prefix_caching", "Reuse cached prompt prefixes."),
     "max_num_seqs": Flag("scheduler", "max_num_seqs", "Most sequences per step."),
     "max_num_batched_tokens": Flag("scheduler", "max_num_batched_tokens", "Most tokens per step."),
+    "long_prefill_token_threshold": Flag(
+        "scheduler", "long_prefill_token_threshold", "Most prompt tokens one sequence computes per step."
+    ),
 }
 
 # Settings of the HTTP server (ferrolm serve; [server] in a config file).

@@ -40,10 +40,10 @@ def test_model_failure_of_one_request_spares_the_others(
     eng = make_engine(tiny_model_dir, enable_prefix_caching=False, max_num_batched_tokens=max_batched)
     real = eng.runner.execute
 
-    def execute(batch, all_logits=False):
+    def execute(batch, *args, **kw):
         if any(POISON in item.seq.token_ids for item in batch):
             raise RuntimeError("injected failure in the forward pass")
-        return real(batch, all_logits)
+        return real(batch, *args, **kw)
 
     monkeypatch.setattr(eng.runner, "execute", execute)
     final = run_all(eng, _requests(), schedule={"poison": 2})

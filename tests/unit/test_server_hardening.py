@@ -25,12 +25,12 @@ class Faults:
         self.delay = 0.0
         real = engine.runner.execute
 
-        def execute(batch, all_logits=False):
+        def execute(batch, *args, **kw):
             if self.delay:
                 time.sleep(self.delay)
             if any(POISON in item.seq.token_ids[: item.seq.num_prompt_tokens] for item in batch):
                 raise RuntimeError("injected fault")
-            return real(batch, all_logits)
+            return real(batch, *args, **kw)
 
         engine.runner.execute = execute
 

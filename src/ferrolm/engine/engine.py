@@ -86,6 +86,10 @@ class LLMEngine:
         top = self.config.model.max_logprobs
         if params.logprobs is not None and params.logprobs > top:
             raise ValueError(f"logprobs must be at most {top} (max_logprobs), got {params.logprobs}")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > top:
+            raise ValueError(
+                f"prompt_logprobs must be at most {top} (max_logprobs), got {params.prompt_logprobs}"
+            )
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in [*params.logit_bias, *params.stop_token_ids]):
             raise ValueError(f"logit_bias and stop_token_ids take token ids in [0, {vocab})")
@@ -156,13 +160,16 @@ class LLMEngine:
         if not batch:
             return []
         touched: dict[str, Request] = {}
-        logits, batch = self._execute(batch, touched)
+        rows = [self._logit_rows(item) for item in batch]
+        batch, per_item = self._execute(batch, rows, touched)
+        for item, (item_rows, logits) in zip(batch, per_item):
+            self._record_prompt_logprobs(item, item_rows, logits, touched)
         ready = self.scheduler.postprocess(batch)
-        ready_ids = {seq.seq_id for seq in ready}
-        rows = [i for i, item in enumerate(batch) if item.seq.seq_id in ready_ids]
         if not ready:
             return self._outputs(touched, {})
-        tokens, logprobs = self._sample(logits[rows], ready, touched)
+        ready_ids = {seq.seq_id for seq in ready}
+        last = torch.stack([lg[-1] for item, (_, lg) in zip(batch, per_item) if item.seq.seq_id in ready_ids])
+        tokens, logprobs = self._sample(last, ready, touched)
         deltas: dict[int, str] = {}
         for seq, token, lp in zip(ready, tokens, logprobs):
             if token is None or seq.finished:
@@ -176,24 +183,63 @@ class LLMEngine:
             touched[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(touched, deltas)
 
-    def _execute(self, batch: list[ScheduledSeq], touched: dict[str, Request]):
-        """Logits of the batch. If the batched run fails, each sequence runs alone (its K/V
-        are rewritten to the same slots, so this is safe) and only those that fail alone
-        are finished with an error. Returns (logits, the batch that succeeded)."""
+    def _logit_rows(self, item: ScheduledSeq) -> list[int]:
+        """Which of the item's new tokens need logits: the last (for sampling), and the
+        prompt positions it computes when its request asked for prompt logprobs (position
+        i predicts prompt token i + 1). The first of n sequences carries them."""
+        seq, n = item.seq, item.num_new_tokens
+        if seq.params.prompt_logprobs is None or seq.index != 0:
+            return [n - 1]
+        start, stop = seq.num_computed, min(seq.num_computed + n, seq.num_prompt_tokens - 1)
+        return sorted({*range(0, max(0, stop - start)), n - 1})
+
+    def _record_prompt_logprobs(self, item, rows: list[int], logits: torch.Tensor, touched) -> None:
+        seq = item.seq
+        k = seq.params.prompt_logprobs
+        if k is None or seq.index != 0 or seq.finished:
+            return
+        req = self.requests[seq.request_id]
+        start = seq.num_computed
+        positions = [start + r for r in rows if start + r < seq.num_prompt_tokens - 1]
+        # After a preemption the prompt is recomputed: hand out only positions not yet covered.
+        new = [i for i, pos in enumerate(positions) if pos >= req.prompt_logprobs_done]
+        if not new:
+            return
+        logp = logits[new[0] : new[-1] + 1].log_softmax(-1)
+        first = positions[new[0]]
+        req.prompt_logprobs_done = first + len(new)
+        touched[req.request_id] = req
+        if k == -1:
+            req.prompt_logprob_rows, req.prompt_logprobs_start = logp, first
+            return
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None]
+        targets = seq.token_ids[first + 1 : first + 1 + len(new)]
+        top = torch.topk(logp, k) if k > 0 else None
+        for r, t in enumerate(targets):
+            entry = {t: float(logp[r, t])}
+            if top is not None:
+                entry.update({int(i): float(v) for i, v in zip(top.indices[r], top.values[r])})
+            req.prompt_logprobs.append(entry)
+
+    def _execute(self, batch: list[ScheduledSeq], rows: list[list[int]], touched: dict[str, Request]):
+        """Logits of each item's `rows`. If the batched run fails, each sequence runs alone
+        (its K/V are rewritten to the same slots, so this is safe) and only those that fail
+        alone are finished with an error. Returns (the items that succeeded, their
+        (rows, logits) pairs)."""
         try:
-            return self.runner.execute(batch), batch
+            logits = self.runner.execute(batch, rows)
+            return batch, list(zip(rows, logits.split([len(r) for r in rows])))
         except Exception:
             log.exception("batched model step failed; retrying its %d sequences one by one", len(batch))
-        done: list[tuple[ScheduledSeq, torch.Tensor]] = []
-        for item in batch:
+        done: list[tuple[ScheduledSeq, tuple[list[int], torch.Tensor]]] = []
+        for item, item_rows in zip(batch, rows):
             try:
-                done.append((item, self.runner.execute([item])))
+                done.append((item, (item_rows, self.runner.execute([item], [item_rows]))))
             except Exception as e:
                 self._fail(self.requests[item.seq.request_id], e, touched)
-        done = [(item, row) for item, row in done if not item.seq.finished]  # siblings of failures
-        if not done:
-            return torch.empty(0), []
-        return torch.cat([row for _, row in done]), [item for item, _ in done]
+        done = [(item, r) for item, r in done if not item.seq.finished]  # siblings of failures
+        return [item for item, _ in done], [r for _, r in done]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], touched: dict[str, Request]):
         """sample() over all rows; on failure row by row, failing only the bad rows' requests."""
@@ -275,9 +321,19 @@ class LLMEngine:
             )
             for s in req.seqs
         ]
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, error=req.error
+        out = RequestOutput(
+            req.request_id,
+            req.prompt,
+            req.prompt_token_ids,
+            outs,
+            req.finished,
+            error=req.error,
+            prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+            prompt_logprob_rows=req.prompt_logprob_rows,
+            prompt_logprobs_start=req.prompt_logprobs_start,
         )
+        req.prompt_logprob_rows = None  # handed out once: -1 mode delivers each step's rows
+        return out
 
     # --- introspection -----------------------------------------------------------
     def stats(self) -> dict[str, object]:

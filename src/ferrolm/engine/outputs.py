@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -23,6 +24,12 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # set when computing or sampling this request failed
+    # prompt_logprobs >= 0: one entry per prompt token (None for the first), accumulated.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # prompt_logprobs == -1: this step's new rows only, [rows, vocab] fp32 log-softmax;
+    # row r is the distribution after prompt position prompt_logprobs_start + r.
+    prompt_logprob_rows: Any = None
+    prompt_logprobs_start: int = 0
 
     @property
     def text(self) -> str:

@@ -16,9 +16,12 @@ class ModelRunner:
         self.pool = pool
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq], all_logits: bool = False) -> torch.Tensor:
-        """Run one step. Returns fp32 logits of each sequence's last new token ([B, V]),
-        or of every new token ([T, V]) when all_logits."""
+    def execute(
+        self, batch: list[ScheduledSeq], rows: list[list[int]] | None = None, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run one step. Returns fp32 logits of each sequence's last new token ([B, V]);
+        with `rows`, of the listed new tokens of each sequence (offsets into its new tokens,
+        concatenated in batch order); with all_logits, of every new token ([T, V])."""
         ids, positions, starts, news = [], [], [], []
         for item in batch:
             s, n = item.seq.num_computed, item.num_new_tokens
@@ -36,7 +39,13 @@ class ModelRunner:
             self.pool,
             meta,
         )
-        if not all_logits:
+        if rows is not None:
+            flat, offset = [], 0
+            for n, item_rows in zip(news, rows):
+                flat.extend(offset + r for r in item_rows)
+                offset += n
+            hidden = hidden[torch.tensor(flat, dtype=torch.long, device=device)]
+        elif not all_logits:
             last = torch.tensor(news, device=device).cumsum(0) - 1
             hidden = hidden[last]
         return self.model.compute_logits(hidden)

@@ -27,6 +27,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
+    # Logprobs of the prompt's tokens (vLLM's name): top-N per position, the prompt token
+    # included; -1 = each step's full log-distributions as a tensor (for quality reports).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +60,11 @@ class SamplingParams:
             (
                 self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX),
                 f"seed must be an integer that fits in 64 bits, got {self.seed}",
+            ),
+            (
+                self.prompt_logprobs is None
+                or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= -1),
+                f"prompt_logprobs must be -1 (full) or an integer >= 0, got {self.prompt_logprobs}",
             ),
             (
                 all(-100 <= b <= 100 for b in self.logit_bias.values()),

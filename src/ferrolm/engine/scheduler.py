@@ -37,6 +37,11 @@ class Scheduler:
         # (vLLM's 1% watermark), so a new arrival is not admitted only to be preempted.
         self.watermark = max(1, blocks.num_blocks // 100)
 
+    @property
+    def _chunk_limit(self) -> int:
+        """Most tokens one sequence computes in a step (vLLM's long_prefill_token_threshold)."""
+        return self.config.long_prefill_token_threshold or self.config.max_num_batched_tokens
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -51,7 +56,7 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, self._chunk_limit)
             if not self._make_room(seq, seq.num_computed + n):
                 continue
             self.blocks.grow(seq, seq.num_computed + n)
@@ -59,9 +64,10 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.lookup(seq.token_ids)
+            # A request for prompt logprobs needs every prompt position computed (as vLLM).
+            cached = self.blocks.lookup(seq.token_ids) if seq.params.prompt_logprobs is None else []
             num_cached = len(cached) * self.blocks.block_size
-            n = min(seq.num_tokens - num_cached, budget)
+            n = min(seq.num_tokens - num_cached, budget, self._chunk_limit)
             reserve = self.watermark if self.running else 0
             if self.blocks.blocks_to_admit(cached, num_cached + n) > self.blocks.num_free - reserve:
                 break

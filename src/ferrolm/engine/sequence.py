@@ -61,6 +61,10 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     error: str | None = None  # why the request failed (its sequences finish with "error")
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_rows: torch.Tensor | None = None  # -1 mode: the latest step's rows
+    prompt_logprobs_start: int = 0
+    prompt_logprobs_done: int = 0  # prompt positions whose logprobs were handed out
 
     @property
     def finished(self) -> bool:

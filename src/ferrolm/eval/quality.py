@@ -1,11 +1,12 @@
 """KV quality report: perplexity, KL divergence and top-1 agreement per KV dtype.
 
-Each window's first `prefix` tokens are prefilled into the paged cache of the
-dtype under test; the rest are fed in chunks of up to `chunk` tokens through the
-engine's own attention path, so every scored token attends to keys and values
-read back from that dtype's cache, its own chunk included. All dtypes advance in
-lock-step, chunk by chunk, so the fp32-cache reference distribution of each
-chunk is compared at once and never stored whole. Windows run as one batch.
+Driven through the engine's public API: each window is one request with
+`prompt_logprobs=-1` (each step's full log-distributions), computed in chunks of
+`chunk` tokens (`long_prefill_token_threshold`), all windows of a dtype as one
+batch, so every scored token attends to keys and values read back from that
+dtype's cache, its own chunk included. Positions before `prefix` are context only.
+The engines of all dtypes step in lock-step, chunk by chunk, so the fp32-cache
+reference distribution of each chunk is compared at once and never stored whole.
 """
 
 from __future__ import annotations
@@ -18,19 +19,11 @@ import torch
 
 from ferrolm.config import EngineConfig
 from ferrolm.engine.engine import LLMEngine
-from ferrolm.engine.scheduler import ScheduledSeq
+from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.kv.blocks import blocks_needed
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype
 
 REFERENCE = KvCacheDtype.FP32
-
-
-@dataclass(eq=False)
-class _Window:
-    token_ids: list[int]
-    num_computed: int = 0
-    block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -98,48 +91,45 @@ def evaluate(
                 dtype=compute_dtype,
                 kv_cache_dtype=d.value,
                 block_size=block_size,
-                kv_cache_num_blocks=windows * blocks_needed(context, block_size),
-                max_model_len=context,
+                kv_cache_num_blocks=windows * blocks_needed(context + 1, block_size),
+                max_model_len=context + 1,
+                max_num_seqs=windows,
+                max_num_batched_tokens=windows * chunk,
+                long_prefill_token_threshold=chunk,
                 enable_prefix_caching=False,
             )
         )
         engines[d] = LLMEngine(cfg)
     tok = engines[REFERENCE].tokenizer
     wins = split_windows(tok.encode(text), windows, context)
-    seqs = {d: [_Window(list(w)) for w in wins] for d in order}
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=-1)
     for d in order:
-        for s in seqs[d]:
-            engines[d].blocks.grow(s, context)
+        for i, w in enumerate(wins):
+            engines[d].add_request(f"window-{i}", w, params)
     scores = {d: DtypeScore(d.value, engines[d].pool.bytes_per_token) for d in order}
-
-    def run(d: KvCacheDtype, n: int, all_logits: bool) -> torch.Tensor:
-        batch = [ScheduledSeq(s, n) for s in seqs[d]]
-        logits = engines[d].runner.execute(batch, all_logits=all_logits)
-        for s in seqs[d]:
-            s.num_computed += n
-        return logits
-
-    # The prefix: cached, not scored (chunked the same way, so prefill sees the same path).
-    for start in range(0, prefix, chunk):
-        n = min(chunk, prefix - start)
-        for d in order:
-            run(d, n, all_logits=False)
-        if progress:
-            progress(n)
-    # The rest: logits at positions prefix .. context-2 predict tokens prefix+1 .. context-1.
     targets_all = torch.tensor(wins)
-    for start in range(prefix, context - 1, chunk):
-        n = min(chunk, context - 1 - start)
-        targets = targets_all[:, start + 1 : start + 1 + n].reshape(-1)
-        ref_logp = run(REFERENCE, n, all_logits=True).log_softmax(-1)
+    done = 0
+    while engines[REFERENCE].has_unfinished():
+        ref = _rows(engines[REFERENCE].step())
         for d in order:
-            logp = ref_logp if d is REFERENCE else run(d, n, all_logits=True).log_softmax(-1)
-            scores[d].record(ref_logp, logp, targets)
-        if progress:
-            progress(n)
-    for d in order:
-        for s in seqs[d]:
-            engines[d].blocks.free(s)
+            rows = ref if d is REFERENCE else _rows(engines[d].step())
+            if rows.keys() != ref.keys():
+                raise RuntimeError(f"the {d.value} engine fell out of lock-step with the reference")
+            for rid, (start, ref_logp) in ref.items():
+                start_d, logp = rows[rid]
+                if start_d != start or logp.shape != ref_logp.shape:
+                    raise RuntimeError(f"the {d.value} engine fell out of lock-step with the reference")
+                # Row r predicts token start + r + 1; score positions >= prefix only.
+                skip = max(0, prefix - start)
+                if skip >= len(ref_logp):
+                    continue
+                w = int(rid.rsplit("-", 1)[1])
+                targets = targets_all[w, start + skip + 1 : start + len(ref_logp) + 1]
+                scores[d].record(ref_logp[skip:], logp[skip:], targets)
+        advanced = max((start + len(lp) for start, lp in ref.values()), default=done)
+        if progress and advanced > done:
+            progress(advanced - done)
+            done = advanced
     ref_ppl = scores[REFERENCE].summary(None, 1)["ppl"]
     fp16_bytes = _fp16_bytes(engines[REFERENCE])
     results = [scores[d].summary(ref_ppl, fp16_bytes) for d in order]  # the fp32 reference first
@@ -151,6 +141,15 @@ def evaluate(
         "chunk": chunk,
         "model": model,
         "compute_dtype": compute_dtype,
+    }
+
+
+def _rows(outputs) -> dict[str, tuple[int, torch.Tensor]]:
+    """request id -> (first position, log-distribution rows) of one step's outputs."""
+    return {
+        o.request_id: (o.prompt_logprobs_start, o.prompt_logprob_rows)
+        for o in outputs
+        if o.prompt_logprob_rows is not None
     }
 
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup model run test lint clean
+.PHONY: setup model run test test-unit lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,9 +27,14 @@ model: setup
 run: model
 	$(BIN)/ferrolm serve $(ARGS)
 
+# Every test, unit and integration, with the 15 slowest listed at the end.
 test: model
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -m "" --durations=15
+
+# The fast unit tests only (tiny random model; no model download needed).
+test-unit: setup
+	$(BIN)/python -m pytest tests --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

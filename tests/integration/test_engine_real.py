@@ -50,3 +50,14 @@ def test_cli_chat(default_model_path):
     )
     assert res.exit_code == 0, res.output
     assert "Paris" in res.stdout
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_readme_question_with_defaults_answers_paris(dtype):
+    """The README's first example, with every default (compute dtype auto picks bf16 or
+    fp32 by CPU, so both are checked explicitly too). bf16-rounded logits once turned
+    this 0.08-nat lead into "L'Étoile, la Marseillaise..."."""
+    args = ["run", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "16"]
+    res = CliRunner().invoke(app, args + (["--dtype", dtype] if dtype else []))
+    assert res.exit_code == 0, res.output
+    assert "Paris" in res.stdout, res.stdout

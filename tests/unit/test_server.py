@@ -174,6 +174,9 @@ def test_long_max_tokens_finishes_with_length_at_max_model_len(client, server):
     "extra,status,word",
     [
         ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+        ({"top_logprobs": 2}, 400, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, 400, "max_logprobs"),
+        ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, 422, "continuous_usage_stats"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ({"tool_choice": "auto"}, 400, "tool"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format"),

@@ -86,7 +86,15 @@ class AsyncEngine:
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the model's chat template, off the loop."""
-        return await self._off_loop(self.engine.tokenizer.apply_chat_template, messages)
+        return await self._off_loop(self._chat_ids, messages)
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return self.engine.tokenizer.apply_chat_template(messages)
+        except ValueError:
+            raise
+        except Exception as e:  # the template rejected the conversation (jinja raise_exception ...)
+            raise ValueError(f"the chat template rejected these messages: {e}") from e
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """The engine's one admission rule; raises ValueError for a request that can never run."""

@@ -22,7 +22,6 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 def _surrogate_path(value: Any, path: str = "") -> str | None:
@@ -169,6 +168,8 @@ class ChatCompletionRequest(_Common):
         super().check_supported()
         if self.response_format and self.response_format.get("type") != "text":
             raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.tool_choice not in (None, "none"):
             raise ApiError(400, "tools are not supported", param="tool_choice")
 

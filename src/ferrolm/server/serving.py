@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,8 @@ from ferrolm.engine.outputs import CompletionOutput, RequestOutput
 from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.server.async_engine import AsyncEngine
 from ferrolm.server.errors import ApiError, error_body
+
+log = logging.getLogger("ferrolm.server")
 
 DISCONNECT_POLL_S = 0.25
 
@@ -217,6 +220,9 @@ class Serving:
             yield f"data: {json.dumps(error_body(504, str(e), 'timeout_error'))}\n\n"
         except RequestFailed as e:
             yield f"data: {json.dumps(error_body(500, str(e), 'server_error'))}\n\n"
+        except Exception as e:  # a bug while answering: say so, and still end the stream
+            log.exception("error while streaming %s", job.id)
+            yield f"data: {json.dumps(error_body(500, f'internal error: {type(e).__name__}: {e}'))}\n\n"
         finally:
             self._abort(job)
         yield "data: [DONE]\n\n"

@@ -1,5 +1,6 @@
 import json
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -75,3 +76,31 @@ def test_list_and_pull_unknown(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "smollm2-135m" in res.stdout and "not pulled" in res.stdout
     res = runner.invoke(app, ["pull", "llama-999b"])
     assert res.exit_code == 2 and "unknown model" in res.output
+
+
+def test_flags_come_from_the_table_and_env_vars_never_collide():
+    from ferrolm.config import ENGINE_FLAGS, FLAGS, SERVER_FLAGS, env_var
+
+    owners: dict[str, set[str]] = {}
+    for name, cmd in app.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.envvar:
+                owners.setdefault(p.envvar, set()).add(f"{name}:{p.name}")
+    serve = {p.name for p in app.commands["serve"].params}
+    run = {p.name for p in app.commands["run"].params}
+    assert set(FLAGS) <= serve and set(ENGINE_FLAGS) <= run and not set(SERVER_FLAGS) & run
+    shared_ok = {env_var(n) for n in FLAGS} | {env_var("config")}
+    for var, where in owners.items():
+        assert len({w.split(":")[1] for w in where}) == 1, (var, where)  # one meaning per variable
+        assert len(where) == 1 or var in shared_ok, (var, where)
+    assert "FERROLM_RUN_JSON" in owners and "FERROLM_EVAL_JSON" in owners and "FERROLM_JSON" not in owners
+    assert "FERROLM_EVAL_KV_CACHE_DTYPE" in owners  # eval's comma list is not the engine's dtype
+
+
+def test_server_limits_from_env_reach_the_config(monkeypatch):
+    monkeypatch.setenv("FERROLM_MAX_N", "3")
+    monkeypatch.setenv("FERROLM_REQUEST_TIMEOUT", "7.5")
+    res = runner.invoke(app, ["config", "--format", "json", "--max-stop", "2"])
+    assert res.exit_code == 0, res.output
+    server = json.loads(res.stdout)["server"]
+    assert server["max_n"] == 3 and server["request_timeout"] == 7.5 and server["max_stop"] == 2

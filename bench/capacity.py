@@ -8,7 +8,7 @@ once: generated tokens/s, preemptions and peak concurrency. Ratios are against
 fp16, measured in the same run.
 
     .venv/bin/python bench/capacity.py                # defaults: 0.6 GiB, 64 x (512 + 128)
-    .venv/bin/python bench/capacity.py --dtypes fp16,int8 --requests 16 --json out.json
+    .venv/bin/python bench/capacity.py --kv-dtypes fp16,int8/int4 --requests 16 --json out.json
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from ferrolm import LLMEngine, SamplingParams
 from ferrolm.config import EngineConfig
 from ferrolm.data import sample_text
+from ferrolm.kv.spec import spec_flags, split_specs
 
 
 def prompts_from_text(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -37,7 +38,7 @@ def run_dtype(args, dtype: str) -> dict:
         dict(
             model=args.model,
             dtype=args.dtype,
-            kv_cache_dtype=dtype,
+            **spec_flags(dtype),
             kv_cache_memory_gb=args.memory_gb,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
@@ -76,7 +77,13 @@ def main() -> None:
     ap.add_argument(
         "--dtype", default="float32", help="compute dtype (float32: bf16 matmuls are slow on AVX2-only CPUs)"
     )
-    ap.add_argument("--dtypes", default="fp16,bf16,int8,fp8,fp8_e5m2", help="KV dtypes, comma separated")
+    ap.add_argument(
+        "--kv-dtypes",
+        "--dtypes",
+        dest="dtypes",
+        default="fp16,int8,int4,int8/int4",
+        help="KV specs, comma separated (a dtype, a KEY/VALUE pair, or 'SPEC;LAYER=DTYPE...')",
+    )
     ap.add_argument("--memory-gb", type=float, default=0.6)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=512)
@@ -87,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
 
     results = []
-    for d in args.dtypes.split(","):
+    for d in split_specs(args.dtypes):
         results.append(run_dtype(args, d.strip()))
         r = results[-1]
         print(

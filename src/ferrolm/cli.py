@@ -19,7 +19,7 @@ from ferrolm.config import ENGINE_FLAGS, SERVER_FLAGS, EngineConfig, Flag, env_v
 
 def option(flag: str, *dest: str, command: str | None = None, **kw):
     """A click option of one command. Its env var is FERROLM_<COMMAND>_<FLAG>, so that a
-    command's own flags (eval's comma-separated --kv-cache-dtype, run's --json) never read
+    command's own flags (eval's comma-separated --kv-dtypes, run's --json) never read
     a variable meant for the engine or another command."""
     name = flag.split("/")[0].removeprefix("--")
     return click.option(flag, *dest, envvar=env_var(f"{command}-{name}"), show_envvar=True, **kw)
@@ -212,10 +212,11 @@ def show_config(fmt, config) -> None:
     "--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder."
 )
 @eval_option(
-    "--kv-cache-dtype",
-    default="fp16,bf16,int8,fp8,fp8_e5m2",
+    "--kv-dtypes",
+    default="fp16,bf16,int8,fp8,fp8_e5m2,int4,int8/int4,int4;0=fp16;-1=fp16",
     show_default=True,
-    help="KV dtypes to compare with the fp32 cache, comma separated.",
+    help="KV specs to compare with the fp32 cache, comma separated: a dtype, a KEY/VALUE pair "
+    "(int8/int4), or per-layer overrides after ';' (int4;0=fp16;-1=fp16).",
 )
 @eval_option(
     "--text",
@@ -240,9 +241,7 @@ def show_config(fmt, config) -> None:
 @eval_option(
     "--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Quality vs bytes/token PNG."
 )
-def eval_cmd(
-    model, kv_cache_dtype, text, context, windows, prefix, chunk, dtype, json_path, plot_path
-) -> None:
+def eval_cmd(model, kv_dtypes, text, context, windows, prefix, chunk, dtype, json_path, plot_path) -> None:
     """KV quality report: perplexity, KL and top-1 agreement against the fp32 cache."""
     from pathlib import Path
 
@@ -250,10 +249,10 @@ def eval_cmd(
 
     from ferrolm.data import sample_text
     from ferrolm.eval.quality import evaluate, format_table, plot
-    from ferrolm.kv.dtypes import KvCacheDtype
+    from ferrolm.kv.spec import split_specs
 
     try:
-        dtypes = [KvCacheDtype.parse(d) for d in kv_cache_dtype.split(",") if d.strip()]
+        dtypes = split_specs(kv_dtypes)
     except ValueError as e:
         fail(str(e))
     body = Path(text).read_text() if text else sample_text()
@@ -305,7 +304,10 @@ def _ints(text: str) -> tuple[int, ...]:
     "--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder."
 )
 @bench_option(
-    "--kv-cache-dtype", default="fp16,int8,fp8", show_default=True, help="KV dtypes, comma separated."
+    "--kv-dtypes",
+    default="fp16,int8,fp8",
+    show_default=True,
+    help="KV specs, comma separated (as in eval: int8, int8/int4, int4;0=fp16).",
 )
 @bench_option(
     "--dtype",
@@ -345,7 +347,7 @@ def _ints(text: str) -> tuple[int, ...]:
 )
 def bench_cmd(
     model,
-    kv_cache_dtype,
+    kv_dtypes,
     dtype,
     prompt_len,
     output_len,
@@ -360,10 +362,10 @@ def bench_cmd(
     """Latency and throughput per KV dtype (medians), optionally against HF transformers."""
     from ferrolm.data import sample_text
     from ferrolm.eval.bench import BenchConfig, format_table, plot, run_bench
-    from ferrolm.kv.dtypes import KvCacheDtype
+    from ferrolm.kv.spec import split_specs
 
     try:
-        kv = tuple(KvCacheDtype.parse(d).value for d in kv_cache_dtype.split(",") if d.strip())
+        kv = tuple(split_specs(kv_dtypes))
     except ValueError as e:
         fail(str(e))
     cfg = BenchConfig(

@@ -42,6 +42,11 @@ class ModelConfig(_Part):
 
 class KvCacheConfig(_Part):
     dtype: KvCacheDtype = KvCacheDtype.FP16
+    key_dtype: KvCacheDtype | None = None
+    value_dtype: KvCacheDtype | None = None
+    layer_dtypes: dict[str, str] | None = None
+    rotation: Literal["auto", "on", "off"] = "auto"
+    attention_backend: str = "auto"
     block_size: int = Field(default=16, ge=1)
     memory_gb: float = Field(default=2.0, gt=0)
     num_blocks: int | None = Field(default=None, ge=1)
@@ -51,6 +56,45 @@ class KvCacheConfig(_Part):
     @classmethod
     def _parse_dtype(cls, v: Any) -> KvCacheDtype:
         return KvCacheDtype.parse(v)
+
+    @field_validator("key_dtype", "value_dtype", mode="before")
+    @classmethod
+    def _parse_half(cls, v: Any) -> KvCacheDtype | None:
+        return None if v is None or v == "" else KvCacheDtype.parse(v)
+
+    @field_validator("layer_dtypes", mode="before")
+    @classmethod
+    def _parse_layers(cls, v: Any) -> dict[str, str] | None:
+        """A mapping, a JSON object, or 'LAYER=DTYPE[/DTYPE],...' (for flags and env vars);
+        every value is checked here, the layer indices once the model is known."""
+        if v is None or v == "":
+            return None
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("{"):
+                v = json.loads(text)
+            else:
+                items = [p.partition("=") for p in text.split(",") if p.strip()]
+                if any(not sep for _, sep, _ in items):
+                    raise ValueError(
+                        f"layer_dtypes is 'LAYER=DTYPE[/DTYPE],...' or a JSON object, got {text!r}"
+                    )
+                v = {i.strip(): d.strip() for i, _, d in items}
+        from ferrolm.kv.spec import parse_pair
+
+        out = {}
+        for index, pair in dict(v).items():
+            parse_pair(pair)
+            out[str(index)] = str(pair)
+        return out
+
+    def spec(self, num_layers: int):
+        """The KV spec for a model of num_layers layers (layer indices checked here)."""
+        from ferrolm.kv.spec import KvSpec
+
+        return KvSpec.build(
+            num_layers, self.dtype, self.key_dtype, self.value_dtype, self.layer_dtypes, self.rotation
+        )
 
 
 class SchedulerConfig(_Part):
@@ -171,6 +215,19 @@ ENGINE_FLAGS: dict[str, Flag] = {
     "kv_cache_dtype": Flag(
         "kv_cache", "dtype", f"KV cache dtype: {', '.join(d.value for d in KvCacheDtype)} (or an alias)."
     ),
+    "kv_cache_key_dtype": Flag("kv_cache", "key_dtype", "KV dtype of the keys [default: --kv-cache-dtype]."),
+    "kv_cache_value_dtype": Flag(
+        "kv_cache", "value_dtype", "KV dtype of the values [default: --kv-cache-dtype]."
+    ),
+    "kv_cache_layer_dtypes": Flag(
+        "kv_cache",
+        "layer_dtypes",
+        "Per-layer overrides, 'LAYER=DTYPE[/DTYPE],...' (e.g. '0=fp16,-1=fp16') or a JSON object.",
+    ),
+    "kv_cache_rotation": Flag(
+        "kv_cache", "rotation", "Hadamard rotation of scaled KV formats: auto (each format's own), on, off."
+    ),
+    "attention_backend": Flag("kv_cache", "attention_backend", "Attention backend: auto or torch."),
     "kv_cache_memory_gb": Flag("kv_cache", "memory_gb", "KV cache budget in GiB."),
     "kv_cache_num_blocks": Flag("kv_cache", "num_blocks", "Explicit KV block count (overrides the budget)."),
     "block_size": Flag("kv_cache", "block_size", "Tokens per KV block."),

@@ -21,8 +21,9 @@ PROMPTS = [
 ]
 # Per prompt agreement can legitimately be low (two near-tied logits flip and the
 # continuations diverge); the mean over prompts is the meaningful figure.
-# Measured on 10 prompts (2026-11): fp16 32.0, bf16 32.0, int8 23.3, fp8 19.1, fp8_e5m2 10.6.
-MEAN_AGREEMENT_FLOOR = {"fp16": 28, "bf16": 24, "int8": 16, "fp8": 12, "fp8_e5m2": 6}
+# Measured on 10 prompts (2026-11): fp16 32.0, bf16 32.0, int8 23.3, fp8 19.1, fp8_e5m2 10.6;
+# on an AMX machine: int8 21.8, fp8 15.0, fp8_e5m2 10.6, int4 10.2.
+MEAN_AGREEMENT_FLOOR = {"fp16": 28, "bf16": 24, "int8": 16, "fp8": 10, "fp8_e5m2": 6, "int4": 6}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def test_many_llms_do_not_grow_without_bound(default_model_path):
         llm = LLM(str(default_model_path), dtype="float32", kv_cache_dtype="int8", kv_cache_memory_gb=POOL_GB)
         pool = llm.engine.pool
         assert pool.nbytes() <= POOL_GB * (1 << 30)
-        for t in (pool.k, pool.v, pool.k_scale, pool.v_scale):
+        for t in pool.tensors():
             t.zero_()  # touch every page, as a full cache would
         llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4))
 

@@ -79,7 +79,7 @@ def test_ferrolm_serve_command(default_model_path, tmp_path):
         r = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=24, temperature=0)
         assert "Paris" in r.choices[0].message.content
         startup = log_path.read_text()
-        assert "KV dtype fp8" in startup and "11880 bytes/token" in startup and "cache holds" in startup
+        assert "KV fp8 |" in startup and "11880 bytes/token" in startup and "cache holds" in startup
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -1,12 +1,18 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ferrolm.attention import AttentionMetadata, paged_attention
-from ferrolm.kv.dtypes import FORMATS, KvCacheDtype
+from ferrolm.attention.hadamard import hadamard
+from ferrolm.kv.dtypes import FORMATS, KvCacheDtype, KvFormat
 from ferrolm.kv.pool import KvPool
+from ferrolm.kv.spec import KvSpec
 
 H, KVH, D, BS = 4, 2, 64, 4
+LOSSY = [d for d in KvCacheDtype if d is not KvCacheDtype.FP32]
+PAIRS = [(KvCacheDtype.FP32, KvCacheDtype.FP32)] + [(k, v) for k in LOSSY for v in LOSSY]
 
 
 def _dense(q, k, v, start):
@@ -19,22 +25,29 @@ def _dense(q, k, v, start):
     return out.transpose(0, 1).reshape(n, H * D)
 
 
-@pytest.mark.parametrize("dtype", list(KvCacheDtype))
-def test_batched_mixed_step_matches_dense(dtype):
-    """Two sequences with cached context plus a fresh prefill and a decode, in one step."""
-    fmt = FORMATS[dtype]
-    torch.manual_seed(0)
-    pool = KvPool(fmt, 1, KVH, D, num_blocks=16, block_size=BS)
+def _as_cached(fmt: KvFormat, x: torch.Tensor) -> torch.Tensor:
+    """What attention sees of x once stored in fmt: quantized in the rotated basis if the
+    format rotates, then turned back (H is symmetric and orthonormal)."""
+    if not fmt.rotated:
+        return fmt.dequantize(*fmt.quantize(x))
+    h = hadamard(x.shape[-1])
+    return fmt.dequantize(*fmt.quantize(x @ h)) @ h
+
+
+def _step(spec: KvSpec, seed: int = 0):
+    """Two sequences with cached context plus a fresh prefill and a decode, in one step,
+    the cached part written by an earlier step through the same path."""
+    torch.manual_seed(seed)
+    pool = KvPool(spec, 1, KVH, D, num_blocks=16, block_size=BS)
     # (tokens already cached, new tokens, block table) per sequence; tables scattered on purpose.
     seqs = [(0, 7, [5, 2]), (9, 1, [0, 9, 3]), (3, 6, [11, 4, 7]), (12, 1, [1, 8, 6, 12])]
     full_k = [torch.randn(c + n, KVH, D) for c, n, _ in seqs]
     full_v = [torch.randn(c + n, KVH, D) for c, n, _ in seqs]
-    # Cache the earlier tokens the way a previous step would have.
-    for (c, _, table), k, v in zip(seqs, full_k, full_v):
-        if c:
-            pos = torch.arange(c)
-            slots = torch.tensor(table)[pos // BS] * BS + pos % BS
-            pool.write(0, slots, k[:c], v[:c])
+    cached = [(c, t) for c, _, t in seqs if c]
+    earlier = AttentionMetadata.build([t for _, t in cached], [0] * len(cached), [c for c, _ in cached], BS)
+    ck = torch.cat([k[:c] for (c, *_), k in zip(seqs, full_k) if c])
+    cv = torch.cat([v[:c] for (c, *_), v in zip(seqs, full_v) if c])
+    paged_attention(torch.randn(len(ck), H, D), ck, cv, 0, pool, earlier, scale=D**-0.5)
     meta = AttentionMetadata.build([t for *_, t in seqs], [c for c, *_ in seqs], [n for _, n, _ in seqs], BS)
     qs = [torch.randn(n, H, D) for _, n, _ in seqs]
     out = paged_attention(
@@ -46,15 +59,33 @@ def test_batched_mixed_step_matches_dense(dtype):
         meta,
         scale=D**-0.5,
     )
+    return out, seqs, qs, full_k, full_v
+
+
+@pytest.mark.parametrize("k,v", PAIRS, ids=[f"{k.value}/{v.value}" for k, v in PAIRS])
+def test_batched_mixed_step_matches_dense_for_every_pair(k, v):
+    spec = KvSpec.build(1, k, value_dtype=v)
+    fk, fv = spec.layers[0].key, spec.layers[0].value
+    out, seqs, qs, full_k, full_v = _step(spec)
     # What the cache holds is what the reference must see: quantized and read back.
     expected = torch.cat(
         [
-            _dense(q, fmt.dequantize(*fmt.quantize(k)), fmt.dequantize(*fmt.quantize(v)), c)
-            for (c, *_), q, k, v in zip(seqs, qs, full_k, full_v)
+            _dense(q, _as_cached(fk, kk), _as_cached(fv, vv), c)
+            for (c, *_), q, kk, vv in zip(seqs, qs, full_k, full_v)
         ]
     )
     assert out.shape == (sum(n for _, n, _ in seqs), H * D)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_rotation_without_quantization_equals_the_plain_path():
+    """A test-only fp32 format that rotates: the rotation alone changes nothing."""
+    rot = dataclasses.replace(FORMATS[KvCacheDtype.FP32], dtype="fp32_rotated", rotated=True)
+    plain, _, _, _, _ = _step(KvSpec.uniform(FORMATS[KvCacheDtype.FP32], 1))
+    rotated, _, _, _, _ = _step(KvSpec.uniform(rot, 1))
+    keys_only, _, _, _, _ = _step(KvSpec.uniform(rot, 1, value=FORMATS[KvCacheDtype.FP32]))
+    torch.testing.assert_close(rotated, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(keys_only, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_metadata_slots_follow_block_tables():
@@ -71,3 +102,11 @@ def test_decodes_and_prefills_form_separate_groups():
     decode, prefill = meta.groups
     assert decode.token_index.tolist() == [0, 8] and decode.max_q == 1 and decode.num_seqs == 2
     assert prefill.token_index.tolist() == list(range(1, 8)) and prefill.max_q == 7
+
+
+def test_unknown_backend_is_rejected_with_the_choices():
+    from ferrolm.attention import select_backend
+
+    with pytest.raises(ValueError, match="valid: auto, torch"):
+        select_backend("cuda-magic", KvSpec.build(2, "fp16"))
+    assert select_backend("auto", KvSpec.build(2, "int8/int4")).name == "torch"

@@ -13,8 +13,8 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
             "bench",
             "--model",
             str(tiny_model_dir),
-            "--kv-cache-dtype",
-            "fp16,int8",
+            "--kv-dtypes",
+            "fp16,int8/int4",
             "--prompt-len",
             "8",
             "--output-len",
@@ -38,7 +38,7 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     rows = {(r["engine"], r["kv_dtype"], r["concurrency"]) for r in data["results"]}
-    assert rows == {("ferrolm", d, c) for d in ("fp16", "int8") for c in (1, 2)} | {
+    assert rows == {("ferrolm", d, c) for d in ("fp16", "int8/int4") for c in (1, 2)} | {
         ("hf", "hf-dynamic-cache", 1),
         ("hf", "hf-dynamic-cache", 2),
     }
@@ -46,7 +46,7 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["tpot_s"] > 0
         if r["engine"] == "ferrolm":
             assert r["x_hf"] > 0 and r["x_fp16"] > 0
-    assert set(data["decode_s_vs_context"]) == {"fp16", "int8"}
+    assert set(data["decode_s_vs_context"]) == {"fp16", "int8/int4"}
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -94,7 +94,8 @@ def test_flags_come_from_the_table_and_env_vars_never_collide():
         assert len({w.split(":")[1] for w in where}) == 1, (var, where)  # one meaning per variable
         assert len(where) == 1 or var in shared_ok, (var, where)
     assert "FERROLM_RUN_JSON" in owners and "FERROLM_EVAL_JSON" in owners and "FERROLM_JSON" not in owners
-    assert "FERROLM_EVAL_KV_CACHE_DTYPE" in owners  # eval's comma list is not the engine's dtype
+    assert "FERROLM_EVAL_KV_DTYPES" in owners  # eval's list of specs is not the engine's dtype
+    assert "FERROLM_KV_CACHE_DTYPE" not in {v for v, w in owners.items() if any("eval" in x for x in w)}
 
 
 def test_server_limits_from_env_reach_the_config(monkeypatch):

@@ -41,8 +41,8 @@ def test_env_var_names():
 
 
 def test_bad_values_are_rejected_with_reasons(tmp_path):
-    with pytest.raises(ValidationError, match="valid names: fp32, fp16, bf16, int8, fp8, fp8_e5m2"):
-        EngineConfig().with_flags({"kv_cache_dtype": "q4"})
+    with pytest.raises(ValidationError, match="valid names: fp32, fp16, bf16, int8, fp8, fp8_e5m2, int4"):
+        EngineConfig().with_flags({"kv_cache_dtype": "q3"})
     with pytest.raises(ValidationError, match="block_size"):
         EngineConfig().with_flags({"block_size": 0})
     with pytest.raises(TypeError, match="unknown engine setting"):

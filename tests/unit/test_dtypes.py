@@ -37,24 +37,23 @@ def test_parse_aliases(name, expected):
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ValueError) as e:
-        KvCacheDtype.parse("int4")
+        KvCacheDtype.parse("int3")
     for d in KvCacheDtype:
         assert d.value in str(e.value)
 
 
 def test_names_serialize_lowercase():
-    assert [str(d) for d in KvCacheDtype] == ["fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2"]
+    assert [str(d) for d in KvCacheDtype] == ["fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4"]
 
 
-def test_bytes():
-    assert [(FORMATS[d].elem_bytes, FORMATS[d].scale_bytes) for d in KvCacheDtype] == [
-        (4, 0),
-        (2, 0),
-        (2, 0),
-        (1, 2),
-        (1, 2),
-        (1, 2),
-    ]
+def test_bytes_per_head_from_the_row_layout():
+    got = {d.value: FORMATS[d].bytes_per_head(64) for d in KvCacheDtype}
+    # int4: 64 values, two per byte, plus one fp16 scale per group of 32.
+    assert got == {"fp32": 256, "fp16": 128, "bf16": 128, "int8": 66, "fp8": 66, "fp8_e5m2": 66, "int4": 36}
+    assert (
+        FORMATS[KvCacheDtype.INT4].bytes_per_head(64) / FORMATS[KvCacheDtype.FP16].bytes_per_head(64)
+        == 0.28125
+    )
 
 
 def test_int8_error_at_most_half_a_step():
@@ -63,10 +62,11 @@ def test_int8_error_at_most_half_a_step():
     q, s = fmt.quantize(x)
     assert q.dtype == torch.int8 and s.dtype == torch.float16
     err = (fmt.dequantize(q, s) - x).abs()
-    assert (err <= s.float().unsqueeze(-1) / 2 * (1 + 1e-6)).all()
+    assert s.shape == (x.shape[0], 1)  # one scale per token (per kv head)
+    assert (err <= s.float() / 2 * (1 + 1e-6)).all()
     # The scale is the fp16 rounding of max|x| / 127, never below 2^-14.
     expected = (x.abs().amax(-1) / 127).clamp(min=MIN_SCALE).half()
-    assert torch.equal(s, expected)
+    assert torch.equal(s[:, 0], expected)
 
 
 @pytest.mark.parametrize("name,mantissa_bits,min_normal", [("fp8", 3, 2.0**-6), ("fp8_e5m2", 2, 2.0**-14)])
@@ -75,7 +75,7 @@ def test_fp8_error_within_mantissa_bound(name, mantissa_bits, min_normal):
     x = _vectors(1)
     q, s = fmt.quantize(x)
     err = (fmt.dequantize(q, s) - x).abs()
-    sf = s.float().unsqueeze(-1)
+    sf = s.float()
     # Relative half-ulp for normal values; below min normal, half of the subnormal spacing.
     rel = 2.0 ** -(mantissa_bits + 1)
     sub = min_normal * 2.0**-mantissa_bits / 2
@@ -97,7 +97,9 @@ def test_zeros_and_fp16_max_survive(dtype):
     big[0, 3] = 1.0
     out = fmt.dequantize(*fmt.quantize(big))
     assert torch.isfinite(out).all()
-    assert torch.allclose(out[:, :3], big[:, :3], rtol=0.13)
+    assert torch.allclose(
+        out[:, :3], big[:, :3], rtol=0.13 if fmt.bits > 4 else 0.0, atol=0 if fmt.bits > 4 else 65504 / 7
+    )
 
 
 @pytest.mark.parametrize("dtype", SCALED)
@@ -112,24 +114,67 @@ def test_quantize_is_vectorised_over_leading_dims(dtype):
     fmt = FORMATS[dtype]
     x = torch.randn(5, 3, 64)
     q, s = fmt.quantize(x)
-    assert q.shape == x.shape and q.dtype == fmt.storage
+    assert q.shape == (5, 3, fmt.data_dim(64)) and q.dtype == fmt.storage
     if s is not None:
-        assert s.shape == (5, 3)
+        assert s.shape == (5, 3, fmt.num_groups(64))
     out = fmt.dequantize(q, s, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
 
 
 @pytest.mark.parametrize("dtype", FP8S)
 def test_fast_dequantize_is_exact_for_every_code(dtype):
-    """The fast read path equals q * s with torch's own cast, for all 256 byte codes."""
+    """The torch backend's fast read equals q * s with torch's own cast, for all 256 codes."""
+    from ferrolm.attention.torch_backend import read
+
     fmt = FORMATS[dtype]
     codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(fmt.storage).view(4, 64)
     scale = torch.tensor([1.0, 0.5, 2.0**-14, 3.7], dtype=torch.float16)
     expected = codes.float() * scale.float().unsqueeze(-1)
-    got = fmt.dequantize(codes, scale)
+    values, token_scale = read(fmt, codes, scale.unsqueeze(-1))
+    got = values * token_scale.unsqueeze(-1)
     finite = torch.isfinite(expected)
     assert torch.equal(got[finite], expected[finite])
     if dtype is KvCacheDtype.FP8_E5M2:  # its inf/NaN codes stay non-finite
         assert not torch.isfinite(got[~finite]).any()
     else:  # E4M3's two NaN codes read as +-480 on the fast path; quantize never stores them
         assert (~finite).sum() == 2
+
+
+def test_int4_packs_two_per_byte_and_errs_at_most_half_a_step():
+    fmt = get_format("int4")
+    x = _vectors(2)
+    q, s = fmt.quantize(x)
+    assert q.dtype == torch.uint8 and q.shape == (x.shape[0], 32) and s.shape == (x.shape[0], 2)
+    deq = fmt.dequantize(q, s)
+    step = s.float().repeat_interleave(32, dim=-1)
+    assert ((deq - x).abs() <= step / 2 * (1 + 1e-6)).all()
+    groups = x.view(-1, 2, 32).abs().amax(-1)
+    assert torch.equal(s, (groups / 7).clamp(min=MIN_SCALE).half())
+    codes = fmt.unpack(q)
+    assert codes.min() >= -7 and codes.max() <= 7  # -8 never stored
+
+
+def test_int4_after_rotation_errs_within_bound_and_unrotates_exactly():
+    from ferrolm.attention.hadamard import hadamard
+
+    fmt = get_format("int4")
+    assert fmt.rotated
+    h = hadamard(64)
+    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6)
+    x = _vectors(3)
+    xr = x @ h
+    q, s = fmt.quantize(xr)
+    err_rot = fmt.dequantize(q, s) - xr
+    assert (err_rot.abs() <= s.float().repeat_interleave(32, -1) / 2 * (1 + 1e-6)).all()
+    err = fmt.dequantize(q, s) @ h - x  # un-rotated: the same error, turned by an orthonormal H
+    assert torch.allclose(err.norm(dim=-1), err_rot.norm(dim=-1), rtol=1e-4, atol=1e-6)
+
+
+def test_rotation_spreads_outlier_channels_and_lowers_int4_error():
+    from ferrolm.attention.hadamard import hadamard
+
+    fmt, h = get_format("int4"), hadamard(64)
+    x = _vectors(4)[256:512]  # every 16th channel 50x larger, as real keys have
+    plain = fmt.dequantize(*fmt.quantize(x)) - x
+    rotated = fmt.dequantize(*fmt.quantize(x @ h)) @ h - x
+    assert rotated.norm() < 0.8 * plain.norm()

@@ -5,6 +5,7 @@ import pytest
 
 from ferrolm import KvCacheDtype, LLMEngine, SamplingParams
 from ferrolm.config import EngineConfig
+from ferrolm.kv.spec import KvSpec, spec_flags
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 PROMPTS = {
@@ -71,13 +72,31 @@ def test_preempted_sequences_continue_exactly(tiny_model_dir, alone, prefix_cach
     assert eng.stats()["kv_blocks_used"] == 0 or prefix_caching is False
 
 
-@pytest.mark.parametrize("dtype", list(KvCacheDtype))
-def test_prefix_cache_hit_equals_miss(tiny_model_dir, dtype):
+SPLIT_AND_LAYERED = ["int8/int4", "int4;0=fp16;-1=bf16/fp8"]
+
+
+@pytest.mark.parametrize("spec", SPLIT_AND_LAYERED)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempted_equals_undisturbed_for_split_and_per_layer_specs(tiny_model_dir, spec, prefix_caching):
+    flags = dict(spec_flags(spec), enable_prefix_caching=False)
+    calm = make_engine(tiny_model_dir, **flags)
+    undisturbed = {rid: run_all(calm, {rid: (p, GREEDY)})[rid].token_ids for rid, p in PROMPTS.items()}
+    eng = make_engine(
+        tiny_model_dir, **{**flags, "enable_prefix_caching": prefix_caching}, kv_cache_num_blocks=24
+    )
+    final = run_all(eng, {rid: (p, GREEDY) for rid, p in PROMPTS.items()})
+    assert eng.stats()["num_preemptions"] > 0 and eng.stats()["kv_dtype"] == KvSpec.parse(spec, 2).describe()
+    for rid in PROMPTS:
+        assert final[rid].token_ids == undisturbed[rid], rid
+
+
+@pytest.mark.parametrize("spec", [d.value for d in KvCacheDtype] + SPLIT_AND_LAYERED)
+def test_prefix_cache_hit_equals_miss(tiny_model_dir, spec):
     system = list(range(30, 70))  # a 40-token shared prefix: 10 full blocks
     prompts = {"first": system + [1, 2, 3], "second": system + [4, 5, 6, 7]}
-    miss = make_engine(tiny_model_dir, kv_cache_dtype=dtype.value, enable_prefix_caching=False)
+    miss = make_engine(tiny_model_dir, **spec_flags(spec), enable_prefix_caching=False)
     expected = {rid: run_all(miss, {rid: (p, GREEDY)})[rid].token_ids for rid, p in prompts.items()}
-    eng = make_engine(tiny_model_dir, kv_cache_dtype=dtype.value, enable_prefix_caching=True)
+    eng = make_engine(tiny_model_dir, **spec_flags(spec), enable_prefix_caching=True)
     first = run_all(eng, {"first": (prompts["first"], GREEDY)})
     before = eng.stats()["prefix_cache_hits"]
     second = run_all(eng, {"second": (prompts["second"], GREEDY)})

@@ -8,7 +8,7 @@ from ferrolm.cli import app
 from ferrolm.eval.quality import evaluate
 from ferrolm.kv.dtypes import KvCacheDtype
 
-ALL = list(KvCacheDtype)
+ALL = [d.value for d in KvCacheDtype] + ["int8/int4", "int4;0=fp16;-1=fp16"]
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def report(tiny_model_dir):
 
 
 def test_every_dtype_reported(report):
-    assert [r["dtype"] for r in report["results"]] == [d.value for d in ALL]
+    assert [r["dtype"] for r in report["results"]] == ALL
     for r in report["results"]:
         assert r["tokens_scored"] == 3 * (64 - 20 - 1)
         assert r["ppl"] > 1 and r["kl_mean"] >= 0 and 0 <= r["top1_agreement_pct"] <= 100
@@ -51,8 +51,8 @@ def test_cli_eval_writes_json_and_plot(tiny_model_dir, tmp_path):
             "eval",
             "--model",
             str(tiny_model_dir),
-            "--kv-cache-dtype",
-            "int8,fp8",
+            "--kv-dtypes",
+            "int8,int8/int4",
             "--context",
             "48",
             "--windows",
@@ -66,10 +66,12 @@ def test_cli_eval_writes_json_and_plot(tiny_model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(out.read_text())
     assert {"results", "windows", "context", "prefix", "model"} <= set(data)
-    assert [r["dtype"] for r in data["results"]] == ["fp32", "int8", "fp8"]
+    assert [r["dtype"] for r in data["results"]] == ["fp32", "int8", "int8/int4"]
     keys = {"dtype", "ppl", "delta_ppl_pct", "kl_mean", "kl_p99", "top1_agreement_pct", "bytes_per_token"}
     assert all(keys <= set(r) for r in data["results"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| int8 |" in res.output
-    bad = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--kv-cache-dtype", "int4"])
+    assert "| int8 |" in res.output and "| int8/int4 |" in res.output
+    bad = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--kv-dtypes", "int3"])
     assert bad.exit_code == 2 and "valid names" in bad.output
+    bad = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--kv-dtypes", "int4;99=fp16"])
+    assert bad.exit_code == 2 and "out of range" in bad.output

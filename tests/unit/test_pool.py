@@ -3,8 +3,11 @@ import torch
 
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype
 from ferrolm.kv.pool import GIB, KvPool, kv_bytes_per_token, num_blocks_for_budget
+from ferrolm.kv.spec import KvSpec
 
 SMOLLM2 = dict(num_layers=30, num_kv_heads=3, head_dim=64)
+LOSSY = [d for d in KvCacheDtype if d is not KvCacheDtype.FP32]
+PAIRS = [(k, v) for k in LOSSY for v in LOSSY]
 
 
 def test_bytes_per_token_matches_design():
@@ -16,40 +19,56 @@ def test_bytes_per_token_matches_design():
         "int8": 11880,
         "fp8": 11880,
         "fp8_e5m2": 11880,
+        "int4": 6480,
     }
+    split = KvSpec.build(30, "int8/int4")
+    assert kv_bytes_per_token(split, **SMOLLM2) == 9180
+    ends = KvSpec.build(30, "int4", layer_dtypes={"0": "fp16", "-1": "fp16"})
+    assert kv_bytes_per_token(ends, **SMOLLM2) == 28 * 216 + 2 * 768
 
 
-@pytest.mark.parametrize("dtype", ["int8", "fp8", "fp8_e5m2"])
-def test_scaled_formats_hold_1_9x_the_tokens_of_fp16(dtype):
-    fp16 = num_blocks_for_budget(2.0, FORMATS[KvCacheDtype.FP16], block_size=16, **SMOLLM2)
-    other = num_blocks_for_budget(2.0, FORMATS[KvCacheDtype.parse(dtype)], block_size=16, **SMOLLM2)
-    assert other / fp16 >= 1.9
+@pytest.mark.parametrize(
+    "dtype,ratio", [("int8", 1.9), ("fp8", 1.9), ("fp8_e5m2", 1.9), ("int4", 3.5), ("int8/int4", 2.5)]
+)
+def test_smaller_formats_hold_more_tokens(dtype, ratio):
+    fp16 = num_blocks_for_budget(2.0, KvSpec.build(30, "fp16"), block_size=16, **SMOLLM2)
+    other = num_blocks_for_budget(2.0, KvSpec.build(30, dtype), block_size=16, **SMOLLM2)
+    assert other / fp16 >= ratio
 
 
-@pytest.mark.parametrize("dtype", list(KvCacheDtype))
-def test_real_tensor_bytes_match_accounting(dtype):
-    fmt = FORMATS[dtype]
-    n = num_blocks_for_budget(0.01, fmt, num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
-    pool = KvPool(fmt, 2, 2, 64, n, 16)
+SPECS = [d.value for d in KvCacheDtype] + ["int8/int4", "fp16/int8", "int4;0=fp16;-1=bf16/fp8"]
+
+
+@pytest.mark.parametrize("text", SPECS)
+def test_real_tensor_bytes_match_accounting(text):
+    spec = KvSpec.parse(text, 3)
+    n = num_blocks_for_budget(0.01, spec, num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
+    pool = KvPool(spec, 3, 2, 64, n, 16)
     assert pool.nbytes() == pool.bytes_per_token * pool.capacity_tokens
     assert pool.nbytes() <= 0.01 * GIB
     assert pool.nbytes() > 0.01 * GIB - pool.bytes_per_token * 16  # no block left unused
 
 
-@pytest.mark.parametrize("dtype", list(KvCacheDtype))
-def test_write_then_read_round_trips(dtype):
-    fmt = FORMATS[dtype]
-    pool = KvPool(fmt, num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=4, block_size=4)
-    k, v = torch.randn(8, 2, 64), torch.randn(8, 2, 64)
+@pytest.mark.parametrize("k,v", PAIRS, ids=[f"{k.value}/{v.value}" for k, v in PAIRS])
+def test_write_then_read_round_trips_every_pair(k, v):
+    spec = KvSpec.build(2, k, value_dtype=v)
+    pool = KvPool(spec, num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=4, block_size=4)
+    keys, values = torch.randn(8, 2, 64), torch.randn(8, 2, 64)
     slots = torch.tensor([12, 13, 14, 15, 4, 5, 6, 7])  # blocks 3 then 1
-    pool.write(1, slots, k, v)
+    pool.write(1, slots, keys, values)
     rk, rv = pool.gather(1, torch.tensor([[3, 1], [1, 3]])).dequantized()
     assert rk.shape == (2, 2, 8, 64)  # [kv_heads, seqs, tokens, head_dim]
-    assert torch.equal(rk[:, 0], fmt.dequantize(*fmt.quantize(k)).transpose(0, 1))
-    assert torch.equal(rv[:, 0], fmt.dequantize(*fmt.quantize(v)).transpose(0, 1))
+    fk, fv = FORMATS[k], FORMATS[v]
+    assert torch.equal(rk[:, 0], fk.dequantize(*fk.quantize(keys)).transpose(0, 1))
+    assert torch.equal(rv[:, 0], fv.dequantize(*fv.quantize(values)).transpose(0, 1))
     assert torch.equal(rk[:, 1], torch.cat([rk[:, 0, 4:], rk[:, 0, :4]], dim=1))
 
 
 def test_empty_pool_is_rejected():
     with pytest.raises(ValueError, match="no block"):
         KvPool(FORMATS[KvCacheDtype.FP16], 1, 1, 64, 0, 16)
+
+
+def test_head_dim_that_a_format_cannot_hold_is_rejected():
+    with pytest.raises(ValueError, match="head_dim"):
+        KvPool(FORMATS[KvCacheDtype.INT4], 1, 1, 48, 4, 16)  # not a power of 2 for the rotation

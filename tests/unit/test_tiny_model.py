@@ -71,7 +71,7 @@ def test_every_dtype_generates(tiny_model_dir, dtype):
     out = llm.generate(["Fellow-Citizens of the Senate", "The"], GREEDY)
     assert [len(o.token_ids) for o in out] == [12, 12]
     assert llm.stats()["kv_dtype"] == dtype.value
-    assert llm.engine.pool.k.dtype == llm.engine.kv_format.storage
+    assert llm.engine.pool.keys[0].data.dtype == llm.engine.kv_spec.layers[0].key.storage
 
 
 def test_bfloat16_compute_runs(tiny_model_dir):
@@ -119,7 +119,7 @@ def test_stop_at_eos_and_max_tokens(llm32):
 def test_deleted_llm_releases_its_pool(tiny_model_dir):
     llm = LLM(str(tiny_model_dir), dtype="float32", kv_cache_memory_gb=0.01)
     llm.generate(["x"], GREEDY)
-    ref = weakref.ref(llm.engine.pool.k)
+    ref = weakref.ref(llm.engine.pool.keys[0].data)
     del llm
     gc.collect()
     assert ref() is None

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from ferrolm.attention import select_backend
 from ferrolm.config import EngineConfig
 from ferrolm.engine.outputs import CompletionOutput, RequestOutput
 from ferrolm.engine.runner import ModelRunner
@@ -15,7 +16,6 @@ from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.engine.scheduler import ScheduledSeq, Scheduler
 from ferrolm.engine.sequence import Request, SeqStatus, Sequence
 from ferrolm.kv.blocks import BlockManager, blocks_needed
-from ferrolm.kv.dtypes import FORMATS
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget
 from ferrolm.models.loader import load_model
 from ferrolm.models.registry import resolve_model
@@ -36,12 +36,14 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
         kv = config.kv_cache
-        self.kv_format = FORMATS[kv.dtype]
+        self.kv_spec = kv.spec(mcfg.num_layers)
+        self.kv_spec.check_head_dim(mcfg.head_dim)
+        self.backend = select_backend(kv.attention_backend, self.kv_spec)
         num_blocks = kv.num_blocks or num_blocks_for_budget(
-            kv.memory_gb, self.kv_format, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size
+            kv.memory_gb, self.kv_spec, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size
         )
         self.pool = KvPool(
-            self.kv_format,
+            self.kv_spec,
             mcfg.num_layers,
             mcfg.num_kv_heads,
             mcfg.head_dim,
@@ -51,20 +53,21 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, kv.block_size, kv.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, self.backend)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0  # counters for metrics: tokens of added prompts ...
         self.num_generation_tokens = 0  # ... and tokens sampled
         log.info(
-            "model %s | compute %s (%s, CPU %s) | KV dtype %s | %d bytes/token | "
+            "model %s | compute %s (%s, CPU %s) | KV %s | %d bytes/token | attention %s | "
             "cache holds %d tokens (%d blocks of %d)",
             config.model.name,
             str(self.compute_dtype).removeprefix("torch."),
             config.model.dtype,
             torch.backends.cpu.get_cpu_capability(),
-            kv.dtype.value,
+            self.kv_spec.describe(),
             self.pool.bytes_per_token,
+            self.backend.name,
             self.pool.capacity_tokens,
             num_blocks,
             kv.block_size,
@@ -340,7 +343,8 @@ class LLMEngine:
         running = sum(1 for s in self.scheduler.running if s.status is SeqStatus.RUNNING)
         return {
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
-            "kv_dtype": self.kv_format.dtype.value,
+            "kv_dtype": self.kv_spec.describe(),
+            "attention_backend": self.backend.name,
             "kv_bytes_per_token": self.pool.bytes_per_token,
             "kv_blocks_total": self.blocks.num_blocks,
             "kv_blocks_used": self.blocks.num_used,

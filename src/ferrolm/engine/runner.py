@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ferrolm.attention import AttentionMetadata
+from ferrolm.attention import AttentionBackend, AttentionMetadata, StepContext
 from ferrolm.engine.scheduler import ScheduledSeq
 from ferrolm.kv.pool import KvPool
 from ferrolm.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KvPool) -> None:
+    def __init__(self, model: LlamaModel, pool: KvPool, backend: AttentionBackend) -> None:
         self.model = model
         self.pool = pool
+        self.backend = backend
 
     @torch.inference_mode()
     def execute(
@@ -36,8 +37,7 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
-            self.pool,
-            meta,
+            StepContext(self.pool, self.backend, meta),
         )
         if rows is not None:
             flat, offset = [], 0

@@ -20,6 +20,7 @@ import torch
 from ferrolm.config import EngineConfig
 from ferrolm.engine.engine import LLMEngine
 from ferrolm.engine.sampling_params import SamplingParams
+from ferrolm.kv.spec import spec_flags
 
 
 @dataclass
@@ -155,7 +156,7 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
                 dict(
                     model=cfg.model,
                     dtype=cfg.compute_dtype,
-                    kv_cache_dtype=kv,
+                    **spec_flags(kv),
                     kv_cache_memory_gb=cfg.kv_cache_memory_gb,
                     max_num_seqs=max(max_c, 1),
                     enable_prefix_caching=False,

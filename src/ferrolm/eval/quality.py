@@ -22,8 +22,9 @@ from ferrolm.engine.engine import LLMEngine
 from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.kv.blocks import blocks_needed
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype
+from ferrolm.kv.spec import spec_flags
 
-REFERENCE = KvCacheDtype.FP32
+REFERENCE = "fp32"
 
 
 @dataclass
@@ -68,7 +69,7 @@ def split_windows(token_ids: list[int], windows: int, context: int) -> list[list
 def evaluate(
     model: str,
     text: str,
-    dtypes: list[KvCacheDtype],
+    dtypes: list[str | KvCacheDtype],
     context: int = 1024,
     windows: int = 8,
     prefix: int = 512,
@@ -82,14 +83,17 @@ def evaluate(
         raise ValueError(f"prefix must be in [1, context - 2], got {prefix} with context {context}")
     if chunk < 1:
         raise ValueError("chunk must be >= 1")
-    order = [REFERENCE] + [d for d in dtypes if d is not REFERENCE]
+    """dtypes: KV specs in text form ('int8', 'int8/int4', 'int4;0=fp16;-1=fp16'), compared
+    with the fp32 cache."""
+    names = [d.value if isinstance(d, KvCacheDtype) else str(d) for d in dtypes]
+    order = [REFERENCE] + [d for d in dict.fromkeys(names) if d != REFERENCE]
     engines = {}
     for d in order:
         cfg = EngineConfig().with_flags(
             dict(
                 model=model,
                 dtype=compute_dtype,
-                kv_cache_dtype=d.value,
+                **spec_flags(d),
                 block_size=block_size,
                 kv_cache_num_blocks=windows * blocks_needed(context + 1, block_size),
                 max_model_len=context + 1,
@@ -106,19 +110,19 @@ def evaluate(
     for d in order:
         for i, w in enumerate(wins):
             engines[d].add_request(f"window-{i}", w, params)
-    scores = {d: DtypeScore(d.value, engines[d].pool.bytes_per_token) for d in order}
+    scores = {d: DtypeScore(d, engines[d].pool.bytes_per_token) for d in order}
     targets_all = torch.tensor(wins)
     done = 0
     while engines[REFERENCE].has_unfinished():
         ref = _rows(engines[REFERENCE].step())
         for d in order:
-            rows = ref if d is REFERENCE else _rows(engines[d].step())
+            rows = ref if d == REFERENCE else _rows(engines[d].step())
             if rows.keys() != ref.keys():
-                raise RuntimeError(f"the {d.value} engine fell out of lock-step with the reference")
+                raise RuntimeError(f"the {d} engine fell out of lock-step with the reference")
             for rid, (start, ref_logp) in ref.items():
                 start_d, logp = rows[rid]
                 if start_d != start or logp.shape != ref_logp.shape:
-                    raise RuntimeError(f"the {d.value} engine fell out of lock-step with the reference")
+                    raise RuntimeError(f"the {d} engine fell out of lock-step with the reference")
                 # Row r predicts token start + r + 1; score positions >= prefix only.
                 skip = max(0, prefix - start)
                 if skip >= len(ref_logp):
@@ -179,7 +183,7 @@ def plot(report: dict, path: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for r in report["results"]:
-        if r["dtype"] == REFERENCE.value:
+        if r["dtype"] == REFERENCE:
             continue
         ax1.scatter(r["bytes_per_token"], r["kl_mean"], s=40)
         ax1.annotate(

@@ -1,13 +1,16 @@
 """KV cache element formats: one row per dtype, the only place a dtype is defined.
 
-Each row says how a key or value vector is stored (torch dtype, bytes per element),
-whether it carries a scale (one fp16 per token per kv head) and how to quantize and
-dequantize it. The engine never branches on a dtype name; it asks the row.
+Each row owns its layout: the storage dtype, bits per value and how many values
+share one storage element (two 4-bit values per byte), the scale (one fp16 per
+group of `group_size` values along head_dim; None = one per token per kv head),
+whether vectors are Hadamard-rotated before they are stored, and the quantize /
+dequantize rules. The pool asks a row for its data and scale shapes and bytes;
+the engine never branches on a dtype name. Read-side speed tricks (widening fp8
+with bit operations) belong to attention backends, not to the rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -27,6 +30,7 @@ class KvCacheDtype(str, Enum):
     INT8 = "int8"
     FP8 = "fp8"
     FP8_E5M2 = "fp8_e5m2"
+    INT4 = "int4"
 
     def __str__(self) -> str:
         return self.value
@@ -42,7 +46,7 @@ class KvCacheDtype(str, Enum):
         valid = ", ".join(d.value for d in cls)
         raise ValueError(
             f"unknown KV cache dtype {value!r}; valid names: {valid} "
-            f"(aliases such as f16, float16, bfloat16, i8, e4m3, fp8_e4m3, e5m2 are accepted)"
+            f"(aliases: {', '.join(sorted(a for a in _ALIASES if a not in {d.value for d in cls}))})"
         )
 
 
@@ -56,28 +60,39 @@ _ALIASES: dict[str, KvCacheDtype] = {
         for a in ("fp8", "fp8_e4m3", "e4m3", "f8e4m3", "fp8e4m3", "float8_e4m3", "float8_e4m3fn")
     },
     **{a: KvCacheDtype.FP8_E5M2 for a in ("fp8_e5m2", "e5m2", "f8e5m2", "fp8e5m2", "float8_e5m2")},
+    **{a: KvCacheDtype.INT4 for a in ("int4", "i4", "q4", "int4_hadamard")},
 }
 
 
 @dataclass(frozen=True)
 class KvFormat:
-    """How one KV dtype stores a vector of one token for one kv head.
+    """How one KV dtype stores the vector of one token for one kv head.
 
-    qmax is None for plain casts. Otherwise the format is scaled:
-    s = fp16(max(max|x| / qmax, 2^-14)), q = cast(clamp(x / s, -qmax, qmax)) (rounded
-    to the nearest integer first when `rounds`), and dequantize(q, s) = q * s.
+    qmax is None for plain casts. Otherwise the format is scaled, per group of
+    `group_size` values (None: the whole head_dim, one scale per token per head):
+    s = fp16(max(max|x_group| / qmax, 2^-14)), q = cast(clamp(x / s, -qmax, qmax))
+    (rounded to the nearest integer first when `rounds`), dequantize(q, s) = q * s.
+    With `rotated`, the vector is multiplied by an orthonormal Hadamard matrix before
+    it is quantized (by the attention layer, which rotates queries alike and rotates
+    the output back); quantize/dequantize here act on the stored, rotated values.
+    `pack` values share one storage element (2: two signed 4-bit values per byte,
+    stored as q + 8 in the low nibble for even and the high nibble for odd indices).
     """
 
-    dtype: KvCacheDtype
+    dtype: KvCacheDtype | str
     storage: torch.dtype
+    bits: int
     qmax: float | None = None
     rounds: bool = False
+    pack: int = 1
+    group_size: int | None = None
     scale_dtype: torch.dtype = torch.float16
+    rotated: bool = False
     reference_only: bool = False
-    # Optional fast path for reading: storage -> a float tensor w with w * widen_factor == q
-    # exactly (torch's own fp8 -> fp32 cast is scalar code on CPU, many times slower).
-    widen: Callable[[torch.Tensor], torch.Tensor] | None = None
-    widen_factor: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.dtype.value if isinstance(self.dtype, KvCacheDtype) else str(self.dtype)
 
     @property
     def scaled(self) -> bool:
@@ -85,69 +100,99 @@ class KvFormat:
 
     @property
     def elem_bytes(self) -> int:
+        """Bytes of one storage element (which holds `pack` values)."""
         return torch.empty((), dtype=self.storage).element_size()
 
     @property
     def scale_bytes(self) -> int:
-        """Bytes of scale per token per kv head (0 for unscaled formats)."""
+        """Bytes of one scale (0 for unscaled formats)."""
         return torch.empty((), dtype=self.scale_dtype).element_size() if self.scaled else 0
 
+    def check_head_dim(self, head_dim: int) -> None:
+        group = self.group_size or head_dim
+        if head_dim % self.pack or head_dim % group:
+            raise ValueError(
+                f"KV format {self.name} needs head_dim divisible by {self.pack} and by its group size "
+                f"{group}; this model's head_dim is {head_dim}"
+            )
+        if self.rotated and head_dim & (head_dim - 1):
+            raise ValueError(
+                f"KV format {self.name} rotates by a Hadamard matrix: head_dim must be a power of 2"
+            )
+
+    def data_dim(self, head_dim: int) -> int:
+        """Storage elements per token per kv head."""
+        return head_dim // self.pack
+
+    def num_groups(self, head_dim: int) -> int:
+        """Scales per token per kv head (0 for unscaled formats)."""
+        return head_dim // (self.group_size or head_dim) if self.scaled else 0
+
     def bytes_per_head(self, head_dim: int) -> int:
-        """Bytes one token takes for one kv head, for K or for V."""
-        return head_dim * self.elem_bytes + self.scale_bytes
+        """Bytes one token takes for one kv head, for K or for V, scales included."""
+        return self.data_dim(head_dim) * self.elem_bytes + self.num_groups(head_dim) * self.scale_bytes
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [..., head_dim] -> (data [..., head_dim], scale [...] or None)."""
+        """x: [..., head_dim] -> (data [..., data_dim], scale [..., num_groups] or None)."""
         if not self.scaled:
             return x.to(self.storage), None
-        xf = x.float()
+        D = x.shape[-1]
+        groups = self.num_groups(D)
+        xf = x.float().reshape(*x.shape[:-1], groups, D // groups)
         amax = xf.abs().amax(dim=-1)
         scale = (amax / self.qmax).clamp(min=MIN_SCALE, max=FP16_MAX).to(self.scale_dtype)
         q = (xf / scale.float().unsqueeze(-1)).clamp(-self.qmax, self.qmax)
         if self.rounds:
             q = q.round()
+        q = q.reshape(x.shape)
+        if self.pack == 2:
+            return _pack_int4(q), scale
         return q.to(self.storage), scale
+
+    def unpack(self, data: torch.Tensor) -> torch.Tensor:
+        """Stored elements -> one value per element along head_dim (q, not yet scaled)."""
+        return _unpack_int4(data) if self.pack == 2 else data
 
     def dequantize(
         self, data: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """Inverse of quantize, computed in fp32 and returned in `dtype`."""
+        """Inverse of quantize, computed in fp32 and returned in `dtype` (still rotated
+        for rotated formats)."""
+        q = self.unpack(data).float()
         if not self.scaled:
-            return data.to(dtype)
-        w = self.widen(data) if self.widen is not None else data
-        s = scale.float()
-        if self.widen_factor != 1.0:
-            s = s * self.widen_factor
-        return (w.float() * s.unsqueeze(-1)).to(dtype)
+            return q.to(dtype)
+        groups = scale.shape[-1]
+        D = q.shape[-1]
+        out = q.reshape(*q.shape[:-1], groups, D // groups) * scale.float().unsqueeze(-1)
+        return out.reshape(q.shape).to(dtype)
 
 
-def _widen_e4m3(q: torch.Tensor) -> torch.Tensor:
-    """E4M3 bits s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 read 2^8 too small, subnormals
-    included (the exponent biases differ by 15 - 7); the caller multiplies by 256. fp16
-    keeps every code a normal or subnormal fp16 number of moderate size, so nothing is
-    flushed or lost when it is widened to fp32. Shifts and masks run in place."""
-    x = q.view(torch.int8).to(torch.int16)  # sign-extended: bits 7..15 copy the sign
-    x <<= 7  # sign now in bit 15, with a stray copy in bit 14 for negative codes
-    x &= -0x4001  # 0xBFFF: clear bit 14
-    return x.view(torch.float16)
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-7, 7] (float), [..., D] -> uint8 [..., D / 2]: q + 8 in two nibbles."""
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
 
 
-def _widen_e5m2(q: torch.Tensor) -> torch.Tensor:
-    """E5M2 is the high byte of fp16."""
-    x = q.view(torch.int8).to(torch.int16)
-    x <<= 8
-    return x.view(torch.float16)
+def _unpack_int4(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., D / 2] -> int8 [..., D] in [-8, 7] (zero-filled bytes read as -8; their
+    scales are zero, so they dequantize to zero)."""
+    lo = (data & 0xF).to(torch.int8) - 8
+    hi = (data >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
 FORMATS: dict[KvCacheDtype, KvFormat] = {
     f.dtype: f
     for f in (
-        KvFormat(KvCacheDtype.FP32, torch.float32, reference_only=True),
-        KvFormat(KvCacheDtype.FP16, torch.float16),
-        KvFormat(KvCacheDtype.BF16, torch.bfloat16),
-        KvFormat(KvCacheDtype.INT8, torch.int8, qmax=127.0, rounds=True),
-        KvFormat(KvCacheDtype.FP8, torch.float8_e4m3fn, qmax=448.0, widen=_widen_e4m3, widen_factor=256.0),
-        KvFormat(KvCacheDtype.FP8_E5M2, torch.float8_e5m2, qmax=57344.0, widen=_widen_e5m2),
+        KvFormat(KvCacheDtype.FP32, torch.float32, bits=32, reference_only=True),
+        KvFormat(KvCacheDtype.FP16, torch.float16, bits=16),
+        KvFormat(KvCacheDtype.BF16, torch.bfloat16, bits=16),
+        KvFormat(KvCacheDtype.INT8, torch.int8, bits=8, qmax=127.0, rounds=True),
+        KvFormat(KvCacheDtype.FP8, torch.float8_e4m3fn, bits=8, qmax=448.0),
+        KvFormat(KvCacheDtype.FP8_E5M2, torch.float8_e5m2, bits=8, qmax=57344.0),
+        KvFormat(
+            KvCacheDtype.INT4, torch.uint8, bits=4, qmax=7.0, rounds=True, pack=2, group_size=32, rotated=True
+        ),
     )
 }
 

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferrolm.attention import AttentionMetadata, paged_attention
-from ferrolm.kv.pool import KvPool
+from ferrolm.attention import PagedAttention, StepContext
 
 
 @dataclass
@@ -121,15 +120,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
-        self.scale = self.d**-0.5
+        self.attn = PagedAttention(layer, self.d**-0.5)
 
-    def forward(self, x, cos, sin, pool: KvPool, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
         q = apply_rope(self.q_proj(x).view(T, self.h, self.d), cos, sin)
         k = apply_rope(self.k_proj(x).view(T, self.kvh, self.d), cos, sin)
         v = self.v_proj(x).view(T, self.kvh, self.d)
-        out = paged_attention(q, k, v, self.layer, pool, meta, self.scale)
-        return self.o_proj(out)
+        return self.o_proj(self.attn(q, k, v, ctx))
 
 
 class MLP(nn.Module):
@@ -151,10 +149,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pool, meta) -> torch.Tensor:
+    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         """x: the fp32 residual stream; the sublayers compute in their weights' dtype."""
         dt = self.mlp.down_proj.weight.dtype
-        x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, pool, meta).float()
+        x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx).float()
         return x + self.mlp(self.post_attention_layernorm(x, dt)).float()
 
 
@@ -179,16 +177,14 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KvPool, meta: AttentionMetadata
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (after the norm)."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
         cos, sin = emb.cos(), emb.sin()
         x = self.embed_tokens(input_ids).float()
         for layer in self.layers:
-            x = layer(x, cos, sin, pool, meta)
+            x = layer(x, cos, sin, ctx)
         return self.norm(x, torch.float32)
 
     @torch.inference_mode()

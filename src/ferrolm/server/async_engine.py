@@ -66,7 +66,7 @@ class AsyncEngine:
 
     @property
     def kv_cache_dtype(self) -> str:
-        return self.engine.kv_format.dtype.value
+        return self.engine.kv_spec.describe()
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         """As vLLM: the rest of the context, within what the cache can hold."""

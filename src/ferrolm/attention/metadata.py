@@ -1,15 +1,9 @@
-"""Paged attention over the KV pool.
+"""Per-step attention metadata, built once by the runner and used by every layer.
 
 A step's tokens are a flat list (several sequences, each contributing a prefill
-chunk or one decode token). The runner builds an AttentionMetadata once per step;
-every layer then writes its new K/V into the pool (quantized) and attends over
-the sequences' cached blocks read back from the pool, the step's own tokens
-included, with batched tensor ops and no Python loop over sequences.
-
-Attention runs in fp32 whatever the compute dtype: the softmax and the sums over
-the context stay exact enough, and fp32 matmuls are the fast ones on AVX2 CPUs.
-Per-token scales of the quantized formats are folded into the scores and the
-attention weights instead of materialising dequantized K and V.
+chunk or one decode token): the slot each new token's K/V goes to, and groups of
+sequences attended together on padded query grids (decodes apart from prefill
+chunks, so one long chunk does not pad every decode to its length).
 """
 
 from __future__ import annotations
@@ -17,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from ferrolm.kv.pool import KvPool
 
 
 @dataclass
@@ -104,50 +96,3 @@ def _group(
         num_seqs=B,
         max_q=max_q,
     )
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer: int,
-    pool: KvPool,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] -> [T, H * D] in q's dtype. Writes k/v into the pool first."""
-    T, H, D = q.shape
-    pool.write(layer, meta.slot_mapping, k, v)
-    if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == T:
-        return _attend(q, layer, pool, meta.groups[0], scale)
-    out = q.new_empty((T, H * D))
-    for g in meta.groups:
-        out[g.token_index] = _attend(q[g.token_index], layer, pool, g, scale)
-    return out
-
-
-def _attend(q: torch.Tensor, layer: int, pool: KvPool, g: AttentionGroup, scale: float) -> torch.Tensor:
-    """One group: q [Tg, H, D] in the group's token order -> [Tg, H * D].
-
-    Batched over (kv head, sequence) with contiguous operands, in fp32. Scales are
-    folded in rather than dequantizing K and V: q . (s_k k_q) = s_k (q . k_q) scales the
-    scores, sum_j p_j (s_v,j v_q,j) = sum_j (p_j s_v,j) v_q,j scales the weights; K and V
-    are only cast, which on a bandwidth-bound CPU saves a full pass over the context."""
-    _, H, D = q.shape
-    B, Q = g.num_seqs, g.max_q
-    kv = pool.gather(layer, g.block_tables)  # k, v: [KVH, B, L, D]
-    KVH, L = kv.k.shape[0], kv.k.shape[2]
-    G = H // KVH
-    qp = q.new_zeros((B * Q, H, D), dtype=torch.float32)
-    qp[g.q_dest] = q.float()
-    # [B, Q, KVH, G, D] -> [KVH, B, G * Q, D]: query head h reads kv head h // G.
-    qp = qp.view(B, Q, KVH, G, D).permute(2, 0, 3, 1, 4).reshape(KVH, B, G * Q, D)
-    scores = torch.matmul(qp, kv.k.float().transpose(-1, -2))  # [KVH, B, G * Q, L]
-    factor = kv.k_scale.unsqueeze(2) * scale if kv.k_scale is not None else scale
-    scores = (scores * factor).view(KVH, B, G, Q, L).masked_fill(~g.mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(KVH, B, G * Q, L)
-    if kv.v_scale is not None:
-        probs = probs * kv.v_scale.unsqueeze(2)
-    out = torch.matmul(probs, kv.v.float())  # [KVH, B, G * Q, D]
-    out = out.view(KVH, B, G, Q, D).permute(1, 3, 0, 2, 4).reshape(B * Q, H * D)
-    return out[g.q_dest].to(q.dtype)

@@ -1,0 +1,71 @@
+"""PagedAttention: what a model's attention layer holds instead of a kernel.
+
+It applies the layer's rotation (for formats stored in a Hadamard basis: keys,
+values and queries are rotated alike, so q . k is unchanged, and the output is
+rotated back when the values are), then hands the write and the attention to the
+step's backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ferrolm.attention.backend import AttentionBackend
+from ferrolm.attention.hadamard import hadamard
+from ferrolm.attention.metadata import AttentionMetadata
+from ferrolm.kv.pool import KvPool
+
+
+@dataclass
+class StepContext:
+    """What every layer of one model step shares: the cache, its backend, the metadata."""
+
+    pool: KvPool
+    backend: AttentionBackend
+    meta: AttentionMetadata
+
+
+def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ H in fp32, back in x's dtype."""
+    return (x.float() @ h).to(x.dtype)
+
+
+class PagedAttention:
+    def __init__(self, layer: int, scale: float) -> None:
+        self.layer = layer
+        self.scale = scale
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D] in q's dtype."""
+        lk = ctx.pool.spec.layers[self.layer]
+        h = hadamard(q.shape[-1], q.device) if lk.key.rotated or lk.value.rotated else None
+        if lk.key.rotated:
+            q, k = _rotate(q, h), _rotate(k, h)
+        if lk.value.rotated:
+            v = _rotate(v, h)
+        ctx.backend.write(ctx.pool, self.layer, ctx.meta.slot_mapping, k, v)
+        out = ctx.backend.attend(q, self.layer, ctx.pool, ctx.meta, self.scale)
+        if lk.value.rotated:  # sum_j p_j (v_j H) = (sum_j p_j v_j) H
+            T, HD = out.shape
+            D = q.shape[-1]
+            out = _rotate(out.view(T, HD // D, D), h).view(T, HD)
+        return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    pool: KvPool,
+    meta: AttentionMetadata,
+    scale: float,
+    backend: AttentionBackend | None = None,
+) -> torch.Tensor:
+    """One layer's attention as a function (tests, tools)."""
+    from ferrolm.attention import select_backend
+
+    ctx = StepContext(pool, backend or select_backend("auto", pool.spec), meta)
+    return PagedAttention(layer, scale)(q, k, v, ctx)

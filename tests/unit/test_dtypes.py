@@ -43,13 +43,18 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_names_serialize_lowercase():
-    assert [str(d) for d in KvCacheDtype] == ["fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4"]
+    assert [str(d) for d in KvCacheDtype] == [
+        "fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4", "int4_g16", "nf4"
+    ]  # fmt: skip
 
 
 def test_bytes_per_head_from_the_row_layout():
     got = {d.value: FORMATS[d].bytes_per_head(64) for d in KvCacheDtype}
     # int4: 64 values, two per byte, plus one fp16 scale per group of 32.
-    assert got == {"fp32": 256, "fp16": 128, "bf16": 128, "int8": 66, "fp8": 66, "fp8_e5m2": 66, "int4": 36}
+    assert got == {
+        "fp32": 256, "fp16": 128, "bf16": 128, "int8": 66, "fp8": 66, "fp8_e5m2": 66,
+        "int4": 36, "int4_g16": 40, "nf4": 36,
+    }  # fmt: skip
     assert (
         FORMATS[KvCacheDtype.INT4].bytes_per_head(64) / FORMATS[KvCacheDtype.FP16].bytes_per_head(64)
         == 0.28125
@@ -178,3 +183,18 @@ def test_rotation_spreads_outlier_channels_and_lowers_int4_error():
     plain = fmt.dequantize(*fmt.quantize(x)) - x
     rotated = fmt.dequantize(*fmt.quantize(x @ h)) @ h - x
     assert rotated.norm() < 0.8 * plain.norm()
+
+
+def test_nf4_stores_the_nearest_gaussian_level():
+    from ferrolm.kv.dtypes import NF4_LEVELS
+
+    fmt = get_format("nf4")
+    x = _vectors(5)
+    q, s = fmt.quantize(x)
+    deq = fmt.dequantize(q, s)
+    levels = torch.tensor(NF4_LEVELS)
+    sf = s.float().repeat_interleave(32, -1)
+    ratio = deq / sf
+    assert torch.isclose(ratio.unsqueeze(-1), levels, atol=1e-6).any(-1).all()  # always a level
+    best = ((x / sf).unsqueeze(-1) - levels).abs().min(-1).values  # the nearest one
+    assert torch.allclose((x / sf - ratio).abs(), best, atol=1e-5)

@@ -20,6 +20,8 @@ def test_bytes_per_token_matches_design():
         "fp8": 11880,
         "fp8_e5m2": 11880,
         "int4": 6480,
+        "int4_g16": 7200,
+        "nf4": 6480,
     }
     split = KvSpec.build(30, "int8/int4")
     assert kv_bytes_per_token(split, **SMOLLM2) == 9180

@@ -31,6 +31,8 @@ class KvCacheDtype(str, Enum):
     FP8 = "fp8"
     FP8_E5M2 = "fp8_e5m2"
     INT4 = "int4"
+    INT4_G16 = "int4_g16"
+    NF4 = "nf4"
 
     def __str__(self) -> str:
         return self.value
@@ -61,7 +63,18 @@ _ALIASES: dict[str, KvCacheDtype] = {
     },
     **{a: KvCacheDtype.FP8_E5M2 for a in ("fp8_e5m2", "e5m2", "f8e5m2", "fp8e5m2", "float8_e5m2")},
     **{a: KvCacheDtype.INT4 for a in ("int4", "i4", "q4", "int4_hadamard")},
+    **{a: KvCacheDtype.INT4_G16 for a in ("int4_g16", "i4_g16")},
+    **{a: KvCacheDtype.NF4 for a in ("nf4",)},
 }
+
+# NF4 (QLoRA): 16 levels at quantiles of a standard normal, scaled to [-1, 1], with an
+# exact zero. After the Hadamard rotation K and V are close to Gaussian.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,9 @@ class KvFormat:
     scale_dtype: torch.dtype = torch.float16
     rotated: bool = False
     reference_only: bool = False
+    # Non-uniform 4-bit: q is the index of the nearest level of x / s (s = absmax of the
+    # group, qmax 1), dequantize = levels[q] * s.
+    codebook: tuple[float, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -142,7 +158,10 @@ class KvFormat:
         amax = xf.abs().amax(dim=-1)
         scale = (amax / self.qmax).clamp(min=MIN_SCALE, max=FP16_MAX).to(self.scale_dtype)
         q = (xf / scale.float().unsqueeze(-1)).clamp(-self.qmax, self.qmax)
-        if self.rounds:
+        if self.codebook is not None:
+            levels = torch.tensor(self.codebook, device=x.device)
+            q = torch.bucketize(q.contiguous(), (levels[1:] + levels[:-1]) / 2).float() - 8  # index - 8
+        elif self.rounds:
             q = q.round()
         q = q.reshape(x.shape)
         if self.pack == 2:
@@ -158,7 +177,10 @@ class KvFormat:
     ) -> torch.Tensor:
         """Inverse of quantize, computed in fp32 and returned in `dtype` (still rotated
         for rotated formats)."""
-        q = self.unpack(data).float()
+        q = self.unpack(data)
+        if self.codebook is not None:
+            q = torch.tensor(self.codebook, device=q.device)[(q + 8).long()]
+        q = q.float()
         if not self.scaled:
             return q.to(dtype)
         groups = scale.shape[-1]
@@ -192,6 +214,26 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
         KvFormat(KvCacheDtype.FP8_E5M2, torch.float8_e5m2, bits=8, qmax=57344.0),
         KvFormat(
             KvCacheDtype.INT4, torch.uint8, bits=4, qmax=7.0, rounds=True, pack=2, group_size=32, rotated=True
+        ),
+        KvFormat(
+            KvCacheDtype.INT4_G16,
+            torch.uint8,
+            bits=4,
+            qmax=7.0,
+            rounds=True,
+            pack=2,
+            group_size=16,
+            rotated=True,
+        ),
+        KvFormat(
+            KvCacheDtype.NF4,
+            torch.uint8,
+            bits=4,
+            qmax=1.0,
+            pack=2,
+            group_size=32,
+            rotated=True,
+            codebook=NF4_LEVELS,
         ),
     )
 }

@@ -8,7 +8,8 @@ pair such as "int8/int4"; negative indices count from the end), and `rotation`
 
 As text (eval and bench `--kv-dtypes`, and `describe()` in reverse): a pair
 `K[/V]`, then optional per-layer overrides `;LAYER=K[/V]`, e.g.
-`int8/int4;0=fp16;-1=fp16`.
+`int8/int4;0=fp16;-1=fp16`; `+rot` / `+norot` after a name switches the rotation
+of every scaled format of the spec on / off (`int8+rot`, `int4+norot`).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class KvSpec:
             f["kv_cache_dtype"],
             value_dtype=f["kv_cache_value_dtype"],
             layer_dtypes=f["kv_cache_layer_dtypes"],
-            rotation=rotation,
+            rotation=f["kv_cache_rotation"] or rotation,
         )
 
     @classmethod
@@ -132,8 +133,16 @@ class KvSpec:
 
 
 def spec_flags(text: str) -> dict[str, object]:
-    """Engine settings (FLAGS names) for a spec in text form, e.g. for eval and bench."""
-    base, *overrides = [p.strip() for p in str(text).split(";")]
+    """Engine settings (FLAGS names) for a spec in text form, e.g. for eval and bench.
+    A '+rot' or '+norot' after a dtype name sets the rotation of the whole spec (as
+    kv_cache_rotation on / off): 'int8+rot', 'int4+norot'."""
+    text = str(text)
+    norot, rot = "+norot" in text, "+rot" in text.replace("+norot", "")
+    if norot and rot:
+        raise ValueError(f"a spec is rotated or not, not both: {text!r}")
+    rotation = "on" if rot else "off" if norot else None
+    text = text.replace("+norot", "").replace("+rot", "")
+    base, *overrides = [p.strip() for p in text.split(";")]
     key, value = parse_pair(base)
     layers = {}
     for item in overrides:
@@ -146,6 +155,7 @@ def spec_flags(text: str) -> dict[str, object]:
         "kv_cache_dtype": key.value,
         "kv_cache_value_dtype": value.value,
         "kv_cache_layer_dtypes": layers or None,
+        "kv_cache_rotation": rotation,
     }
 
 

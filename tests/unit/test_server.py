@@ -336,3 +336,23 @@ def test_api_key(tiny_model_dir):
         assert ok.models.list().data[0].id == MODEL
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
+
+
+def test_split_per_layer_spec_is_served_and_shown(tiny_model_dir):
+    flags = dict(
+        dtype="float32",
+        kv_cache_dtype="int8",
+        kv_cache_value_dtype="int4",
+        kv_cache_layer_dtypes="-1=fp16",
+        kv_cache_num_blocks=64,
+        block_size=4,
+    )
+    with running_server(str(tiny_model_dir), served_name=MODEL, **flags) as (url, engine):
+        spec = "int8/int4, layers 1: fp16"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert c.models.list().data[0].model_extra["kv_cache_dtype"] == spec
+        m = metrics(url)
+        assert m[f"ferrolm_kv_cache_info{{kv_cache_dtype={spec}}}"] == 1
+        assert m["ferrolm_kv_cache_bytes_per_token"] == 2 * (66 + 36) + 2 * (128 + 128)  # 2 kv heads
+        r = c.completions.create(model=MODEL, prompt="The people of", max_tokens=6, temperature=0)
+        assert r.choices[0].finish_reason in ("length", "stop") and engine.stats()["kv_dtype"] == spec

@@ -38,7 +38,7 @@ def _step(spec: KvSpec, seed: int = 0):
     """Two sequences with cached context plus a fresh prefill and a decode, in one step,
     the cached part written by an earlier step through the same path."""
     torch.manual_seed(seed)
-    pool = KvPool(spec, 1, KVH, D, num_blocks=16, block_size=BS)
+    pool = KvPool(spec, 1, KVH, D, num_blocks=16, block_size=BS, staging_rows=16)
     # (tokens already cached, new tokens, block table) per sequence; tables scattered on purpose.
     seqs = [(0, 7, [5, 2]), (9, 1, [0, 9, 3]), (3, 6, [11, 4, 7]), (12, 1, [1, 8, 6, 12])]
     full_k = [torch.randn(c + n, KVH, D) for c, n, _ in seqs]
@@ -59,19 +59,29 @@ def _step(spec: KvSpec, seed: int = 0):
         meta,
         scale=D**-0.5,
     )
-    return out, seqs, qs, full_k, full_v
+    return out, seqs, qs, full_k, full_v, pool
+
+
+def _cached(fmt, x, pool, table, half):
+    """Per-channel formats depend on how tokens fill blocks: read them back from the pool
+    (test_pool checks that path against quantize_block); others as _as_cached."""
+    if not fmt.per_channel_block:
+        return _as_cached(fmt, x)
+    view = pool.gather(0, torch.tensor([table]))
+    values = view.dequantized()[half]  # [KVH, 1, L, D]
+    return values[:, 0, : len(x)].transpose(0, 1)
 
 
 @pytest.mark.parametrize("k,v", PAIRS, ids=[f"{k.value}/{v.value}" for k, v in PAIRS])
 def test_batched_mixed_step_matches_dense_for_every_pair(k, v):
     spec = KvSpec.build(1, k, value_dtype=v)
     fk, fv = spec.layers[0].key, spec.layers[0].value
-    out, seqs, qs, full_k, full_v = _step(spec)
+    out, seqs, qs, full_k, full_v, pool = _step(spec)
     # What the cache holds is what the reference must see: quantized and read back.
     expected = torch.cat(
         [
-            _dense(q, _as_cached(fk, kk), _as_cached(fv, vv), c)
-            for (c, *_), q, kk, vv in zip(seqs, qs, full_k, full_v)
+            _dense(q, _cached(fk, kk, pool, t, 0), _cached(fv, vv, pool, t, 1), c)
+            for (c, _, t), q, kk, vv in zip(seqs, qs, full_k, full_v)
         ]
     )
     assert out.shape == (sum(n for _, n, _ in seqs), H * D)
@@ -81,9 +91,9 @@ def test_batched_mixed_step_matches_dense_for_every_pair(k, v):
 def test_rotation_without_quantization_equals_the_plain_path():
     """A test-only fp32 format that rotates: the rotation alone changes nothing."""
     rot = dataclasses.replace(FORMATS[KvCacheDtype.FP32], dtype="fp32_rotated", rotated=True)
-    plain, _, _, _, _ = _step(KvSpec.uniform(FORMATS[KvCacheDtype.FP32], 1))
-    rotated, _, _, _, _ = _step(KvSpec.uniform(rot, 1))
-    keys_only, _, _, _, _ = _step(KvSpec.uniform(rot, 1, value=FORMATS[KvCacheDtype.FP32]))
+    plain, *_ = _step(KvSpec.uniform(FORMATS[KvCacheDtype.FP32], 1))
+    rotated, *_ = _step(KvSpec.uniform(rot, 1))
+    keys_only, *_ = _step(KvSpec.uniform(rot, 1, value=FORMATS[KvCacheDtype.FP32]))
     torch.testing.assert_close(rotated, plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(keys_only, plain, atol=1e-5, rtol=1e-5)
 

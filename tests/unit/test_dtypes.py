@@ -3,7 +3,8 @@ import torch
 
 from ferrolm.kv.dtypes import FORMATS, MIN_SCALE, KvCacheDtype, get_format
 
-SCALED = [d for d, f in FORMATS.items() if f.scaled]
+PER_TOKEN = [d for d, f in FORMATS.items() if not f.per_channel_block]  # quantize() one vector at a time
+SCALED = [d for d in PER_TOKEN if FORMATS[d].scaled]
 FP8S = [KvCacheDtype.FP8, KvCacheDtype.FP8_E5M2]
 
 
@@ -44,7 +45,7 @@ def test_unknown_name_lists_valid_names():
 
 def test_names_serialize_lowercase():
     assert [str(d) for d in KvCacheDtype] == [
-        "fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4", "int4_g16", "nf4"
+        "fp32", "fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4", "int4_g16", "nf4", "int4pc"
     ]  # fmt: skip
 
 
@@ -53,7 +54,7 @@ def test_bytes_per_head_from_the_row_layout():
     # int4: 64 values, two per byte, plus one fp16 scale per group of 32.
     assert got == {
         "fp32": 256, "fp16": 128, "bf16": 128, "int8": 66, "fp8": 66, "fp8_e5m2": 66,
-        "int4": 36, "int4_g16": 40, "nf4": 36,
+        "int4": 36, "int4_g16": 40, "nf4": 36, "int4pc": 48,  # int4pc: 256 B of scales per 16-token block
     }  # fmt: skip
     assert (
         FORMATS[KvCacheDtype.INT4].bytes_per_head(64) / FORMATS[KvCacheDtype.FP16].bytes_per_head(64)
@@ -91,7 +92,7 @@ def test_fp8_error_within_mantissa_bound(name, mantissa_bits, min_normal):
     assert torch.allclose(top, x.abs().amax(-1), rtol=rel)
 
 
-@pytest.mark.parametrize("dtype", list(KvCacheDtype))
+@pytest.mark.parametrize("dtype", PER_TOKEN)
 def test_zeros_and_fp16_max_survive(dtype):
     fmt = FORMATS[dtype]
     zeros = torch.zeros(4, 64)
@@ -114,7 +115,7 @@ def test_scale_never_zero_or_subnormal(dtype):
     assert (s.float() >= MIN_SCALE).all()
 
 
-@pytest.mark.parametrize("dtype", list(KvCacheDtype))
+@pytest.mark.parametrize("dtype", PER_TOKEN)
 def test_quantize_is_vectorised_over_leading_dims(dtype):
     fmt = FORMATS[dtype]
     x = torch.randn(5, 3, 64)
@@ -198,3 +199,21 @@ def test_nf4_stores_the_nearest_gaussian_level():
     assert torch.isclose(ratio.unsqueeze(-1), levels, atol=1e-6).any(-1).all()  # always a level
     best = ((x / sf).unsqueeze(-1) - levels).abs().min(-1).values  # the nearest one
     assert torch.allclose((x / sf - ratio).abs(), best, atol=1e-5)
+
+
+def test_per_channel_block_quantization():
+    fmt = get_format("int4pc")
+    assert not fmt.rotated and fmt.bytes_per_head(64, block_size=16) == 48
+    x = _vectors(6)[:256].view(16, 16, 64)  # 16 blocks of 16 tokens
+    x[..., ::16] *= 30  # outlier channels: per-channel scales absorb them
+    q, sm = fmt.quantize_block(x)
+    assert q.shape == (16, 16, 32) and sm.shape == (16, 2, 64)
+    deq = fmt.dequantize_block(q, sm)
+    s, m = sm[:, 0:1].float(), sm[:, 1:2].float()
+    # Half a step, plus the fp16 rounding of the minimum the grid starts from.
+    assert ((deq - x).abs() <= s / 2 * (1 + 1e-3) + (m - x.amin(1, keepdim=True)).abs() + 1e-6).all()
+    z = fmt.dequantize_block(*fmt.quantize_block(torch.zeros(2, 16, 64)))
+    assert torch.equal(z, torch.zeros(2, 16, 64))
+    big = torch.full((1, 16, 64), 65504.0)
+    big[0, ::2] = -65504.0
+    assert torch.isfinite(fmt.dequantize_block(*fmt.quantize_block(big))).all()

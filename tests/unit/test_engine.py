@@ -190,3 +190,22 @@ def test_invalid_request_allocates_nothing(tiny_model_dir):
         params.top_p = 2.0  # set after construction: add_request validates again
         eng.add_request("bad", [1, 2], params)
     assert eng.blocks.num_used == 0 and not eng.has_unfinished()
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_per_channel_keys_run_every_path_and_release_staging(tiny_model_dir, prefix_caching):
+    """int4pc keys keep the block being filled in fp16, so chunking and recompute may change
+    its numbers (as in KIVI); what must hold: chunked prefill, decode, prefix hits and
+    preemption all run, every block and every staging row comes back."""
+    flags = dict(spec_flags("int4pc/int4"), enable_prefix_caching=prefix_caching, max_num_batched_tokens=7)
+    eng = make_engine(tiny_model_dir, **flags, kv_cache_num_blocks=24)
+    reqs = {rid: (p, GREEDY) for rid, p in PROMPTS.items()}
+    reqs["again"] = (PROMPTS["a"], GREEDY)  # a prefix hit when caching is on
+    final = run_all(eng, reqs, schedule={"again": 12})
+    assert eng.stats()["num_preemptions"] > 0
+    assert all(len(out.token_ids) == GREEDY.max_tokens and out.error is None for out in final.values())
+    if prefix_caching:
+        assert eng.stats()["prefix_cache_hits"] > 0
+    else:
+        assert eng.stats()["kv_blocks_used"] == 0
+    assert len(eng.pool._free_rows) == eng.pool.staging_rows and (eng.pool.row_of < 0).all()

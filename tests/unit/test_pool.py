@@ -7,7 +7,8 @@ from ferrolm.kv.spec import KvSpec
 
 SMOLLM2 = dict(num_layers=30, num_kv_heads=3, head_dim=64)
 LOSSY = [d for d in KvCacheDtype if d is not KvCacheDtype.FP32]
-PAIRS = [(k, v) for k in LOSSY for v in LOSSY]
+PER_TOKEN = [d for d in LOSSY if not FORMATS[d].per_channel_block]
+PAIRS = [(k, v) for k in PER_TOKEN for v in PER_TOKEN]
 
 
 def test_bytes_per_token_matches_design():
@@ -22,6 +23,7 @@ def test_bytes_per_token_matches_design():
         "int4": 6480,
         "int4_g16": 7200,
         "nf4": 6480,
+        "int4pc": 8640,
     }
     split = KvSpec.build(30, "int8/int4")
     assert kv_bytes_per_token(split, **SMOLLM2) == 9180
@@ -38,15 +40,18 @@ def test_smaller_formats_hold_more_tokens(dtype, ratio):
     assert other / fp16 >= ratio
 
 
-SPECS = [d.value for d in KvCacheDtype] + ["int8/int4", "fp16/int8", "int4;0=fp16;-1=bf16/fp8"]
+SPECS = [d.value for d in KvCacheDtype] + ["int8/int4", "fp16/int8", "int4;0=fp16;-1=bf16/fp8", "int4pc/int4"]
 
 
 @pytest.mark.parametrize("text", SPECS)
 def test_real_tensor_bytes_match_accounting(text):
     spec = KvSpec.parse(text, 3)
-    n = num_blocks_for_budget(0.01, spec, num_layers=3, num_kv_heads=2, head_dim=64, block_size=16)
-    pool = KvPool(spec, 3, 2, 64, n, 16)
-    assert pool.nbytes() == pool.bytes_per_token * pool.capacity_tokens
+    n = num_blocks_for_budget(0.01, spec, num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, staging_rows=9)
+    pool = KvPool(spec, 3, 2, 64, n, 16, staging_rows=9)
+    # Per-channel halves add their fp16 staging rows (9 rows x 16 tokens), inside the budget.
+    staged = 9 * 16 * 2 * 64 * 2 * sum(f.per_channel_block for lk in spec.layers for f in (lk.key, lk.value))
+    assert pool.staging_nbytes() == staged
+    assert pool.nbytes() == pool.bytes_per_token * pool.capacity_tokens + staged
     assert pool.nbytes() <= 0.01 * GIB
     assert pool.nbytes() > 0.01 * GIB - pool.bytes_per_token * 16  # no block left unused
 
@@ -64,6 +69,30 @@ def test_write_then_read_round_trips_every_pair(k, v):
     assert torch.equal(rk[:, 0], fk.dequantize(*fk.quantize(keys)).transpose(0, 1))
     assert torch.equal(rv[:, 0], fv.dequantize(*fv.quantize(values)).transpose(0, 1))
     assert torch.equal(rk[:, 1], torch.cat([rk[:, 0, 4:], rk[:, 0, :4]], dim=1))
+
+
+def test_per_channel_keys_stage_until_a_block_is_full():
+    spec = KvSpec.build(1, "int4pc", value_dtype="fp16")
+    pool = KvPool(spec, num_layers=1, num_kv_heads=2, head_dim=64, num_blocks=4, block_size=4, staging_rows=3)
+    keys = torch.randn(6, 2, 64)
+    keys[..., ::8] *= 20
+    table = torch.tensor([[2, 0]])
+    slots = torch.tensor([8, 9, 10, 11, 0, 1])  # block 2 full, block 0 half
+    pool.write(0, slots[:3], keys[:3], keys[:3])  # block 2 partly written: read back in fp16
+    k, _ = pool.gather(0, table).dequantized()
+    assert torch.equal(k[:, 0, :3], keys[:3].half().float().transpose(0, 1))
+    pool.write(0, slots[3:], keys[3:], keys[3:])  # block 2 completes, block 0 starts
+    k, _ = pool.gather(0, table).dequantized()
+    fmt = spec.layers[0].key
+    expected = fmt.dequantize_block(*fmt.quantize_block(keys[:4].half().transpose(0, 1)))
+    assert torch.equal(k[:, 0, :4], expected)
+    assert torch.equal(k[:, 0, 4:6], keys[4:].half().float().transpose(0, 1))
+    pool.retain_staging({0})  # block 2 is full: its row is free again; block 0 keeps its own
+    assert pool.row_of[2] == -1 and pool.row_of[0] >= 0 and len(pool._free_rows) == 2
+    k2, _ = pool.gather(0, table).dequantized()
+    assert torch.equal(k2, k)
+    pool.retain_staging(set())  # e.g. the sequence was preempted
+    assert len(pool._free_rows) == 3
 
 
 def test_empty_pool_is_rejected():

@@ -39,8 +39,18 @@ class LLMEngine:
         self.kv_spec = kv.spec(mcfg.num_layers)
         self.kv_spec.check_head_dim(mcfg.head_dim)
         self.backend = select_backend(kv.attention_backend, self.kv_spec)
+        sched = config.scheduler
+        # Per-channel formats stage the blocks written in a step, and the blocks still being
+        # filled from the step before, in fp16 until they are full.
+        staging_rows = sched.max_num_batched_tokens // kv.block_size + 2 * sched.max_num_seqs + 1
         num_blocks = kv.num_blocks or num_blocks_for_budget(
-            kv.memory_gb, self.kv_spec, mcfg.num_layers, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size
+            kv.memory_gb,
+            self.kv_spec,
+            mcfg.num_layers,
+            mcfg.num_kv_heads,
+            mcfg.head_dim,
+            kv.block_size,
+            staging_rows,
         )
         self.pool = KvPool(
             self.kv_spec,
@@ -50,6 +60,7 @@ class LLMEngine:
             num_blocks,
             kv.block_size,
             self.model.device,
+            staging_rows=staging_rows,
         )
         self.blocks = BlockManager(num_blocks, kv.block_size, kv.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -168,6 +179,7 @@ class LLMEngine:
         for item, (item_rows, logits) in zip(batch, per_item):
             self._record_prompt_logprobs(item, item_rows, logits, touched)
         ready = self.scheduler.postprocess(batch)
+        self.pool.retain_staging(self.scheduler.blocks_being_filled())
         if not ready:
             return self._outputs(touched, {})
         ready_ids = {seq.seq_id for seq in ready}

@@ -95,6 +95,11 @@ class Scheduler:
                 ready.append(item.seq)
         return ready
 
+    def blocks_being_filled(self) -> set[int]:
+        """The partly written last block of each running sequence."""
+        bs = self.blocks.block_size
+        return {s.block_table[s.num_computed // bs] for s in self.running if s.num_computed % bs}
+
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the newest running sequences until `seq` can grow; False if `seq` itself went."""
         while not self.blocks.can_grow(seq, num_tokens):

@@ -33,6 +33,7 @@ class KvCacheDtype(str, Enum):
     INT4 = "int4"
     INT4_G16 = "int4_g16"
     NF4 = "nf4"
+    INT4_PC = "int4pc"
 
     def __str__(self) -> str:
         return self.value
@@ -65,6 +66,7 @@ _ALIASES: dict[str, KvCacheDtype] = {
     **{a: KvCacheDtype.INT4 for a in ("int4", "i4", "q4", "int4_hadamard")},
     **{a: KvCacheDtype.INT4_G16 for a in ("int4_g16", "i4_g16")},
     **{a: KvCacheDtype.NF4 for a in ("nf4",)},
+    **{a: KvCacheDtype.INT4_PC for a in ("int4pc", "int4_pc", "int4_per_channel", "kivi")},
 }
 
 # NF4 (QLoRA): 16 levels at quantiles of a standard normal, scaled to [-1, 1], with an
@@ -105,6 +107,11 @@ class KvFormat:
     # Non-uniform 4-bit: q is the index of the nearest level of x / s (s = absmax of the
     # group, qmax 1), dequantize = levels[q] * s.
     codebook: tuple[float, ...] | None = None
+    # Per channel over whole blocks (KIVI, for keys): one fp16 scale and one fp16 minimum
+    # per (block, kv head, channel), asymmetric: q = clamp(round((x - m) / s), 0, qmax) with
+    # s = fp16(max((max - min) / qmax, 2^-14)), m = fp16(min) over the block's tokens. A
+    # block is quantized once it is full; until then the pool keeps its tokens in fp16.
+    per_channel_block: bool = False
 
     @property
     def name(self) -> str:
@@ -124,7 +131,12 @@ class KvFormat:
         """Bytes of one scale (0 for unscaled formats)."""
         return torch.empty((), dtype=self.scale_dtype).element_size() if self.scaled else 0
 
-    def check_head_dim(self, head_dim: int) -> None:
+    def check_head_dim(self, head_dim: int, block_size: int = 16) -> None:
+        if self.per_channel_block and (2 * head_dim * self.scale_bytes) % block_size:
+            raise ValueError(
+                f"KV format {self.name} shares {2 * head_dim * self.scale_bytes} bytes of scales per block: "
+                f"block_size must divide it, got {block_size}"
+            )
         group = self.group_size or head_dim
         if head_dim % self.pack or head_dim % group:
             raise ValueError(
@@ -144,9 +156,28 @@ class KvFormat:
         """Scales per token per kv head (0 for unscaled formats)."""
         return head_dim // (self.group_size or head_dim) if self.scaled else 0
 
-    def bytes_per_head(self, head_dim: int) -> int:
-        """Bytes one token takes for one kv head, for K or for V, scales included."""
-        return self.data_dim(head_dim) * self.elem_bytes + self.num_groups(head_dim) * self.scale_bytes
+    def bytes_per_head(self, head_dim: int, block_size: int = 16) -> int:
+        """Bytes one token takes for one kv head, for K or for V, scales included (for
+        per-channel formats, the block's scales and minima shared by its tokens)."""
+        data = self.data_dim(head_dim) * self.elem_bytes
+        if self.per_channel_block:
+            return data + 2 * head_dim * self.scale_bytes // block_size
+        return data + self.num_groups(head_dim) * self.scale_bytes
+
+    def quantize_block(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel formats: x [..., block_size, D] -> (data [..., block_size, D / pack],
+        scale and minimum [..., 2, D])."""
+        xf = x.float()
+        lo, hi = xf.amin(dim=-2), xf.amax(dim=-2)
+        scale = ((hi - lo) / self.qmax).clamp(min=MIN_SCALE, max=FP16_MAX).to(self.scale_dtype)
+        low = lo.clamp(-FP16_MAX, FP16_MAX).to(self.scale_dtype)
+        q = ((xf - low.float().unsqueeze(-2)) / scale.float().unsqueeze(-2)).round().clamp(0, self.qmax)
+        return _pack_int4(q - 8), torch.stack((scale, low), dim=-2)
+
+    def dequantize_block(self, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Inverse of quantize_block: fp32 [..., block_size, D]."""
+        q = self.unpack(data).float() + 8
+        return q * scale[..., 0:1, :].float() + scale[..., 1:2, :].float()
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [..., head_dim] -> (data [..., data_dim], scale [..., num_groups] or None)."""
@@ -238,6 +269,8 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
             rotated=True,
             codebook=NF4_LEVELS,
         ),
+        # Not rotated: per-channel scales rely on the channels' own ranges.
+        KvFormat(KvCacheDtype.INT4_PC, torch.uint8, bits=4, qmax=15.0, rounds=True, pack=2, per_channel_block=True),
     )
 }
 

@@ -14,17 +14,26 @@ from typing import NamedTuple
 
 import torch
 
-from ferrolm.kv.dtypes import KvFormat
+from ferrolm.kv.dtypes import FORMATS, KvCacheDtype, KvFormat
 from ferrolm.kv.spec import KvSpec
 
 GIB = 1 << 30
+FP32_VIEW = FORMATS[KvCacheDtype.FP32]  # how already-dequantized gathered values are described
 
 
-def kv_bytes_per_token(spec: KvSpec | KvFormat, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+def kv_bytes_per_token(
+    spec: KvSpec | KvFormat, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16
+) -> int:
     """Whole-model bytes one token takes in the cache (a format means every layer, both halves)."""
     if isinstance(spec, KvFormat):
         spec = KvSpec.uniform(spec, num_layers)
-    return spec.bytes_per_token(num_kv_heads, head_dim)
+    return spec.bytes_per_token(num_kv_heads, head_dim, block_size)
+
+
+def staging_bytes(spec: KvSpec, num_kv_heads: int, head_dim: int, block_size: int, rows: int) -> int:
+    """fp16 staging of blocks being filled, for the layers' per-channel halves."""
+    halves = sum(f.per_channel_block for lk in spec.layers for f in (lk.key, lk.value))
+    return halves * num_kv_heads * rows * block_size * head_dim * 2
 
 
 def num_blocks_for_budget(
@@ -34,9 +43,11 @@ def num_blocks_for_budget(
     num_kv_heads: int,
     head_dim: int,
     block_size: int,
+    staging_rows: int = 0,
 ) -> int:
-    per_block = kv_bytes_per_token(spec, num_layers, num_kv_heads, head_dim) * block_size
-    return int(memory_gb * GIB) // per_block
+    per_block = kv_bytes_per_token(spec, num_layers, num_kv_heads, head_dim, block_size) * block_size
+    staged = staging_bytes(spec, num_kv_heads, head_dim, block_size, staging_rows) if isinstance(spec, KvSpec) else 0
+    return max(0, int(memory_gb * GIB) - staged) // per_block
 
 
 class HalfCache(NamedTuple):
@@ -44,7 +55,8 @@ class HalfCache(NamedTuple):
 
     fmt: KvFormat
     data: torch.Tensor  # [kv_heads, slots, data_dim]
-    scale: torch.Tensor | None  # [kv_heads, slots, groups]
+    scale: torch.Tensor | None  # [kv_heads, slots, groups]; per-channel: [kv_heads, blocks, 2, D]
+    staging: torch.Tensor | None = None  # per-channel: [kv_heads, rows, block_size, D] fp16
 
 
 class KvView(NamedTuple):
@@ -73,6 +85,7 @@ class KvPool:
         num_blocks: int,
         block_size: int,
         device: torch.device | str = "cpu",
+        staging_rows: int = 0,
     ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache has room for no block; raise memory_gb or num_blocks")
@@ -80,7 +93,7 @@ class KvPool:
             spec = KvSpec.uniform(spec, num_layers)
         if spec.num_layers != num_layers:
             raise ValueError(f"the KV spec has {spec.num_layers} layers, the model {num_layers}")
-        spec.check_head_dim(head_dim)
+        spec.check_head_dim(head_dim, block_size)
         self.spec = spec
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -88,30 +101,45 @@ class KvPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
+        # Per-channel formats quantize a block once it is full; until then its tokens wait
+        # in fp16 staging rows, one per block being filled, shared by all layers' halves.
+        self.staging_rows = staging_rows if spec.staged else 0
+        if spec.staged and staging_rows < 1:
+            raise ValueError("a per-channel KV format needs staging rows for blocks being filled")
+        self.row_of = torch.full((num_blocks,), -1, dtype=torch.long)
+        self.complete = torch.zeros(num_blocks, dtype=torch.bool)
+        self._free_rows = list(range(self.staging_rows - 1, -1, -1))
         # Zeroed once: attention reads whole blocks, and the never-written tail of a
         # block must be finite (it is masked, but 0 * NaN would still be NaN).
         self.keys = [self._half(lk.key, device) for lk in spec.layers]
         self.values = [self._half(lk.value, device) for lk in spec.layers]
 
     def _half(self, fmt: KvFormat, device) -> HalfCache:
-        shape = (self.num_kv_heads, self.num_slots)
-        data = torch.zeros((*shape, fmt.data_dim(self.head_dim)), dtype=fmt.storage, device=device)
+        H, D = self.num_kv_heads, self.head_dim
+        data = torch.zeros((H, self.num_slots, fmt.data_dim(D)), dtype=fmt.storage, device=device)
+        if fmt.per_channel_block:
+            scale = torch.zeros((H, self.num_blocks, 2, D), dtype=fmt.scale_dtype, device=device)
+            staging = torch.zeros((H, self.staging_rows, self.block_size, D), dtype=torch.float16, device=device)
+            return HalfCache(fmt, data, scale, staging)
         scale = None
         if fmt.scaled:
-            scale = torch.zeros((*shape, fmt.num_groups(self.head_dim)), dtype=fmt.scale_dtype, device=device)
+            scale = torch.zeros((H, self.num_slots, fmt.num_groups(D)), dtype=fmt.scale_dtype, device=device)
         return HalfCache(fmt, data, scale)
 
     @property
     def bytes_per_token(self) -> int:
-        return self.spec.bytes_per_token(self.num_kv_heads, self.head_dim)
+        return self.spec.bytes_per_token(self.num_kv_heads, self.head_dim, self.block_size)
+
+    def staging_nbytes(self) -> int:
+        return sum(h.staging.numel() * 2 for h in (*self.keys, *self.values) if h.staging is not None)
 
     @property
     def capacity_tokens(self) -> int:
         return self.num_slots
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the pool holds."""
-        return [t for h in (*self.keys, *self.values) for t in (h.data, h.scale) if t is not None]
+        """Every tensor the pool holds (staging rows included)."""
+        return [t for h in (*self.keys, *self.values) for t in h[1:] if t is not None]
 
     def nbytes(self) -> int:
         """Real bytes held by the pool's tensors."""
@@ -121,11 +149,64 @@ class KvPool:
         """Quantize k, v ([tokens, kv_heads, head_dim], already rotated where the format
         is) into `slots` of one layer."""
         for half, x in ((self.keys[layer], k), (self.values[layer], v)):
+            if half.fmt.per_channel_block:
+                self._write_staged(half, slots, x.transpose(0, 1))
+                continue
             q, s = half.fmt.quantize(x.transpose(0, 1))
             # Indexed assignment (index_put_) works for every storage dtype, fp8 included.
             half.data[:, slots] = q
             if s is not None:
                 half.scale[:, slots] = s
+
+    def _write_staged(self, half: HalfCache, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Per-channel half: tokens into their blocks' staging rows; blocks whose last slot
+        is written are quantized from their row (and read quantized from then on)."""
+        bs = self.block_size
+        blocks, offsets = slots // bs, slots % bs
+        self.complete[blocks[offsets == 0]] = False  # a block (re)started
+        need = blocks.unique()
+        missing = need[self.row_of[need] < 0]
+        if len(missing) > len(self._free_rows):
+            raise RuntimeError("out of KV staging rows for blocks being filled")
+        if len(missing):
+            self.row_of[missing] = torch.tensor(self._free_rows[-len(missing) :], dtype=torch.long)
+            del self._free_rows[-len(missing) :]
+        rows = self.row_of[blocks]
+        half.staging[:, rows, offsets] = x.to(torch.float16)
+        done = blocks[offsets == bs - 1]
+        if len(done):
+            q, s = half.fmt.quantize_block(half.staging[:, self.row_of[done]])  # [H, n, bs, ...]
+            slot_ids = (done.unsqueeze(1) * bs + torch.arange(bs)).reshape(-1)
+            half.data[:, slot_ids] = q.reshape(q.shape[0], -1, q.shape[-1])
+            half.scale[:, done] = s
+            self.complete[done] = True
+
+    def retain_staging(self, blocks_being_filled: set[int]) -> None:
+        """After a step: free the staging rows of every block not still being filled (full,
+        freed or preempted ones). Called by the engine once per step."""
+        if not self.staging_rows:
+            return
+        for b in (self.row_of >= 0).nonzero().flatten().tolist():
+            if b not in blocks_being_filled or bool(self.complete[b]):
+                self._free_rows.append(int(self.row_of[b]))
+                self.row_of[b] = -1
+
+    def _gather_staged(self, half: HalfCache, block_tables: torch.Tensor) -> torch.Tensor:
+        """Per-channel half, dequantized: full blocks from their codes, blocks being filled
+        from their fp16 staging rows -> fp32 [kv_heads, B, L, D]."""
+        H, (B, nblk) = self.num_kv_heads, block_tables.shape
+        ids = block_tables.reshape(-1)
+        bs, D = self.block_size, self.head_dim
+        data = torch.index_select(half.data.view(H, self.num_blocks, -1), 1, ids)
+        data = data.view(H, B, nblk, bs, -1)
+        scale = torch.index_select(half.scale, 1, ids).view(H, B, nblk, 2, D)
+        out = half.fmt.dequantize_block(data, scale)
+        rows = self.row_of[block_tables]
+        staged = (rows >= 0) & ~self.complete[block_tables]
+        if staged.any():
+            fp16 = half.staging[:, rows.clamp(min=0)].float()  # [H, B, nblk, bs, D]
+            out = torch.where(staged.view(1, B, nblk, 1, 1), fp16, out)
+        return out.view(H, B, nblk * bs, D)
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> KvView:
         """The K/V of whole blocks, as stored: [B, nblk] block ids -> data
@@ -142,5 +223,9 @@ class KvPool:
             out = torch.index_select(t.view(H, self.num_blocks, -1), 1, ids)
             return out.view(H, B, L, width)
 
-        kh, vh = self.keys[layer], self.values[layer]
-        return KvView(kh.fmt, take(kh.data), take(kh.scale), vh.fmt, take(vh.data), take(vh.scale))
+        def half(h: HalfCache):
+            if h.fmt.per_channel_block:  # handed out dequantized, as an fp32 "format"
+                return FP32_VIEW, self._gather_staged(h, block_tables), None
+            return h.fmt, take(h.data), take(h.scale)
+
+        return KvView(*half(self.keys[layer]), *half(self.values[layer]))

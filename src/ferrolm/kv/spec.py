@@ -28,9 +28,9 @@ class LayerKv:
     key: KvFormat
     value: KvFormat
 
-    def bytes_per_head(self, head_dim: int) -> int:
+    def bytes_per_head(self, head_dim: int, block_size: int = 16) -> int:
         """Bytes one token takes in this layer for one kv head, K and V together."""
-        return self.key.bytes_per_head(head_dim) + self.value.bytes_per_head(head_dim)
+        return self.key.bytes_per_head(head_dim, block_size) + self.value.bytes_per_head(head_dim, block_size)
 
     def label(self) -> str:
         k, v = _label(self.key), _label(self.value)
@@ -111,14 +111,19 @@ class KvSpec:
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def check_head_dim(self, head_dim: int) -> None:
+    def check_head_dim(self, head_dim: int, block_size: int = 16) -> None:
         for lk in self.layers:
-            lk.key.check_head_dim(head_dim)
-            lk.value.check_head_dim(head_dim)
+            lk.key.check_head_dim(head_dim, block_size)
+            lk.value.check_head_dim(head_dim, block_size)
 
-    def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> int:
+    def bytes_per_token(self, num_kv_heads: int, head_dim: int, block_size: int = 16) -> int:
         """Whole-model bytes one token takes: the sum over layers of K and V, scales included."""
-        return num_kv_heads * sum(lk.bytes_per_head(head_dim) for lk in self.layers)
+        return num_kv_heads * sum(lk.bytes_per_head(head_dim, block_size) for lk in self.layers)
+
+    @property
+    def staged(self) -> bool:
+        """Whether some layer keeps not-yet-full blocks in fp16 (per-channel formats)."""
+        return any(f.per_channel_block for lk in self.layers for f in (lk.key, lk.value))
 
     def describe(self) -> str:
         """Short and readable: 'int8/int4, layers 0,29: fp16' (the most common pair first)."""

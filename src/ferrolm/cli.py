@@ -213,7 +213,8 @@ def show_config(fmt, config) -> None:
 )
 @eval_option(
     "--kv-dtypes",
-    default="fp16,bf16,int8,fp8,fp8_e5m2,int4,int4_g16,nf4,int8/int4,int8/nf4,int4;0=fp16;-1=fp16",
+    default="fp16,bf16,int8,fp8,fp8_e5m2,int4,int4_g16,nf4,int4pc,int4pc/int4,int4pc/nf4,int8/int4,int8/nf4,"
+    "int4;0=fp16;-1=fp16",
     show_default=True,
     help="KV specs to compare with the fp32 cache, comma separated: a dtype, a KEY/VALUE pair "
     "(int8/int4), or per-layer overrides after ';' (int4;0=fp16;-1=fp16).",

@@ -62,14 +62,26 @@ def _step(spec: KvSpec, seed: int = 0):
     return out, seqs, qs, full_k, full_v, pool
 
 
-def _cached(fmt, x, pool, table, half):
-    """Per-channel formats depend on how tokens fill blocks: read them back from the pool
-    (test_pool checks that path against quantize_block); others as _as_cached."""
+def _cached(fmt, x, query_pos):
+    """x [L, KVH, D] as the query at query_pos reads it from the cache. Per-channel formats:
+    the query's own block as fp16, every earlier (full) block through its block codes."""
     if not fmt.per_channel_block:
         return _as_cached(fmt, x)
-    view = pool.gather(0, torch.tensor([table]))
-    values = view.dequantized()[half]  # [KVH, 1, L, D]
-    return values[:, 0, : len(x)].transpose(0, 1)
+    out = x.half().float()
+    own = query_pos // BS
+    for b in range(own):
+        blk = x[b * BS : (b + 1) * BS].half().transpose(0, 1)  # [KVH, BS, D]
+        out[b * BS : (b + 1) * BS] = fmt.dequantize_block(*fmt.quantize_block(blk)).transpose(0, 1)
+    return out
+
+
+def _reference(fk, fv, q, k, v, start):
+    """Dense attention, one query at a time (each may read the cache differently)."""
+    rows = []
+    for i in range(q.shape[0]):
+        p = start + i
+        rows.append(_dense(q[i : i + 1], _cached(fk, k[: p + 1], p), _cached(fv, v[: p + 1], p), p))
+    return torch.cat(rows)
 
 
 @pytest.mark.parametrize("k,v", PAIRS, ids=[f"{k.value}/{v.value}" for k, v in PAIRS])
@@ -79,10 +91,7 @@ def test_batched_mixed_step_matches_dense_for_every_pair(k, v):
     out, seqs, qs, full_k, full_v, pool = _step(spec)
     # What the cache holds is what the reference must see: quantized and read back.
     expected = torch.cat(
-        [
-            _dense(q, _cached(fk, kk, pool, t, 0), _cached(fv, vv, pool, t, 1), c)
-            for (c, _, t), q, kk, vv in zip(seqs, qs, full_k, full_v)
-        ]
+        [_reference(fk, fv, q, kk, vv, c) for (c, *_), q, kk, vv in zip(seqs, qs, full_k, full_v)]
     )
     assert out.shape == (sum(n for _, n, _ in seqs), H * D)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)

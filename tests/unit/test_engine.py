@@ -72,7 +72,7 @@ def test_preempted_sequences_continue_exactly(tiny_model_dir, alone, prefix_cach
     assert eng.stats()["kv_blocks_used"] == 0 or prefix_caching is False
 
 
-SPLIT_AND_LAYERED = ["int8/int4", "int4;0=fp16;-1=bf16/fp8"]
+SPLIT_AND_LAYERED = ["int8/int4", "int4;0=fp16;-1=bf16/fp8", "int4pc/int4", "int4pc;0=fp16"]
 
 
 @pytest.mark.parametrize("spec", SPLIT_AND_LAYERED)
@@ -192,20 +192,16 @@ def test_invalid_request_allocates_nothing(tiny_model_dir):
     assert eng.blocks.num_used == 0 and not eng.has_unfinished()
 
 
-@pytest.mark.parametrize("prefix_caching", [False, True])
-def test_per_channel_keys_run_every_path_and_release_staging(tiny_model_dir, prefix_caching):
-    """int4pc keys keep the block being filled in fp16, so chunking and recompute may change
-    its numbers (as in KIVI); what must hold: chunked prefill, decode, prefix hits and
-    preemption all run, every block and every staging row comes back."""
-    flags = dict(spec_flags("int4pc/int4"), enable_prefix_caching=prefix_caching, max_num_batched_tokens=7)
-    eng = make_engine(tiny_model_dir, **flags, kv_cache_num_blocks=24)
-    reqs = {rid: (p, GREEDY) for rid, p in PROMPTS.items()}
-    reqs["again"] = (PROMPTS["a"], GREEDY)  # a prefix hit when caching is on
-    final = run_all(eng, reqs, schedule={"again": 12})
-    assert eng.stats()["num_preemptions"] > 0
-    assert all(len(out.token_ids) == GREEDY.max_tokens and out.error is None for out in final.values())
-    if prefix_caching:
-        assert eng.stats()["prefix_cache_hits"] > 0
-    else:
-        assert eng.stats()["kv_blocks_used"] == 0
+@pytest.mark.parametrize("max_batched", [512, 7])
+def test_per_channel_keys_alone_equals_batched_and_releases_staging(tiny_model_dir, max_batched):
+    """int4pc reads a query's own block from fp16 staging and earlier blocks from their codes,
+    so joining, leaving and chunking change nothing; every staging row comes back."""
+    flags = spec_flags("int4pc/int4")
+    calm = make_engine(tiny_model_dir, **flags, enable_prefix_caching=False)
+    alone = {rid: run_all(calm, {rid: (p, GREEDY)})[rid].token_ids for rid, p in PROMPTS.items()}
+    eng = make_engine(
+        tiny_model_dir, **flags, enable_prefix_caching=False, max_num_batched_tokens=max_batched
+    )
+    final = run_all(eng, {rid: (p, GREEDY) for rid, p in PROMPTS.items()}, schedule={"b": 2, "c": 5, "d": 9})
+    assert {rid: out.token_ids for rid, out in final.items()} == alone
     assert len(eng.pool._free_rows) == eng.pool.staging_rows and (eng.pool.row_of < 0).all()

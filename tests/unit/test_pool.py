@@ -46,7 +46,9 @@ SPECS = [d.value for d in KvCacheDtype] + ["int8/int4", "fp16/int8", "int4;0=fp1
 @pytest.mark.parametrize("text", SPECS)
 def test_real_tensor_bytes_match_accounting(text):
     spec = KvSpec.parse(text, 3)
-    n = num_blocks_for_budget(0.01, spec, num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, staging_rows=9)
+    n = num_blocks_for_budget(
+        0.01, spec, num_layers=3, num_kv_heads=2, head_dim=64, block_size=16, staging_rows=9
+    )
     pool = KvPool(spec, 3, 2, 64, n, 16, staging_rows=9)
     # Per-channel halves add their fp16 staging rows (9 rows x 16 tokens), inside the budget.
     staged = 9 * 16 * 2 * 64 * 2 * sum(f.per_channel_block for lk in spec.layers for f in (lk.key, lk.value))
@@ -78,19 +80,21 @@ def test_per_channel_keys_stage_until_a_block_is_full():
     keys[..., ::8] *= 20
     table = torch.tensor([[2, 0]])
     slots = torch.tensor([8, 9, 10, 11, 0, 1])  # block 2 full, block 0 half
-    pool.write(0, slots[:3], keys[:3], keys[:3])  # block 2 partly written: read back in fp16
-    k, _ = pool.gather(0, table).dequantized()
-    assert torch.equal(k[:, 0, :3], keys[:3].half().float().transpose(0, 1))
+    pool.write(0, slots[:3], keys[:3], keys[:3])  # block 2 partly written: staged in fp16
+    view = pool.gather(0, table)
+    assert torch.equal(view.k_stage[:, 0, :3], keys[:3].half().float().transpose(0, 1))
+    assert view.v_stage is None  # fp16 values are stored per token, never staged
     pool.write(0, slots[3:], keys[3:], keys[3:])  # block 2 completes, block 0 starts
-    k, _ = pool.gather(0, table).dequantized()
+    view = pool.gather(0, table)
     fmt = spec.layers[0].key
     expected = fmt.dequantize_block(*fmt.quantize_block(keys[:4].half().transpose(0, 1)))
-    assert torch.equal(k[:, 0, :4], expected)
-    assert torch.equal(k[:, 0, 4:6], keys[4:].half().float().transpose(0, 1))
+    assert torch.equal(view.k[:, 0, :4], expected)  # the codes of the full block
+    assert torch.equal(view.k_stage[:, 0, 4:6], keys[4:].half().float().transpose(0, 1))
     pool.retain_staging({0})  # block 2 is full: its row is free again; block 0 keeps its own
     assert pool.row_of[2] == -1 and pool.row_of[0] >= 0 and len(pool._free_rows) == 2
-    k2, _ = pool.gather(0, table).dequantized()
-    assert torch.equal(k2, k)
+    again = pool.gather(0, table)
+    assert torch.equal(again.k, view.k) and torch.equal(again.k_stage[:, 0, 4:6], view.k_stage[:, 0, 4:6])
+    assert not again.k_stage[:, 0, :4].any()  # a full block without a row reads as codes only
     pool.retain_staging(set())  # e.g. the sequence was preempted
     assert len(pool._free_rows) == 3
 

@@ -21,6 +21,7 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, nblk] each sequence's blocks (padded with block 0)
     q_dest: torch.Tensor  # [Tg] index of each new token in the padded [B * Q] query grid
     mask: torch.Tensor  # [B, 1, Q, L] True where a query may attend to a key (L = nblk * block_size)
+    same_block: torch.Tensor  # [B, 1, Q, L] True where a key sits in the query's own block
     num_seqs: int
     max_q: int
 
@@ -84,6 +85,7 @@ def _group(
     q_valid = qi.unsqueeze(0) < news.unsqueeze(1)  # [B, Q]
     q_pos = starts.unsqueeze(1) + qi.unsqueeze(0)  # [B, Q]
     mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)) & key_valid.unsqueeze(1)
+    same_block = (key_pos // block_size).view(1, 1, -1) == (q_pos // block_size).unsqueeze(-1)
     # Padding rows attend to key 0 only, so that softmax never sees an empty row.
     mask[:, :, 0] |= ~q_valid
     token_index = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in members])
@@ -93,6 +95,7 @@ def _group(
         block_tables=tables.to(device),
         q_dest=q_dest.to(device),
         mask=mask.unsqueeze(1).to(device),
+        same_block=same_block.unsqueeze(1).to(device),
         num_seqs=B,
         max_q=max_q,
     )

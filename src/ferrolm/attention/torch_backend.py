@@ -98,10 +98,18 @@ class TorchBackend:
         qp = qp.view(B, Q, KVH, G, D).permute(2, 0, 3, 1, 4).reshape(KVH, B, G * Q, D)
         scores = torch.matmul(qp, k.transpose(-1, -2))  # [KVH, B, G * Q, L]
         factor = k_scale.unsqueeze(2) * scale if k_scale is not None else scale
-        scores = (scores * factor).view(KVH, B, G, Q, L).masked_fill(~g.mask, float("-inf"))
+        scores = (scores * factor).view(KVH, B, G, Q, L)
+        if kv.k_stage is not None:  # per-channel keys: the query's own block from staging
+            own = torch.matmul(qp, kv.k_stage.transpose(-1, -2)).view(KVH, B, G, Q, L) * scale
+            scores = torch.where(g.same_block.unsqueeze(0), own, scores)
+        scores = scores.masked_fill(~g.mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(KVH, B, G * Q, L)
         if v_scale is not None:
             probs = probs * v_scale.unsqueeze(2)
-        out = torch.matmul(probs, v)  # [KVH, B, G * Q, D]
+        if kv.v_stage is not None:  # per-channel values: the query's own block from staging
+            own = g.same_block.unsqueeze(0).expand(KVH, B, G, Q, L).reshape(KVH, B, G * Q, L)
+            out = torch.matmul(probs * ~own, v) + torch.matmul(probs * own, kv.v_stage)
+        else:
+            out = torch.matmul(probs, v)  # [KVH, B, G * Q, D]
         out = out.view(KVH, B, G, Q, D).permute(1, 3, 0, 2, 4).reshape(B * Q, H * D)
         return out[g.q_dest].to(q.dtype)

@@ -270,7 +270,9 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
             codebook=NF4_LEVELS,
         ),
         # Not rotated: per-channel scales rely on the channels' own ranges.
-        KvFormat(KvCacheDtype.INT4_PC, torch.uint8, bits=4, qmax=15.0, rounds=True, pack=2, per_channel_block=True),
+        KvFormat(
+            KvCacheDtype.INT4_PC, torch.uint8, bits=4, qmax=15.0, rounds=True, pack=2, per_channel_block=True
+        ),
     )
 }
 

@@ -46,7 +46,11 @@ def num_blocks_for_budget(
     staging_rows: int = 0,
 ) -> int:
     per_block = kv_bytes_per_token(spec, num_layers, num_kv_heads, head_dim, block_size) * block_size
-    staged = staging_bytes(spec, num_kv_heads, head_dim, block_size, staging_rows) if isinstance(spec, KvSpec) else 0
+    staged = (
+        staging_bytes(spec, num_kv_heads, head_dim, block_size, staging_rows)
+        if isinstance(spec, KvSpec)
+        else 0
+    )
     return max(0, int(memory_gb * GIB) - staged) // per_block
 
 
@@ -69,6 +73,10 @@ class KvView(NamedTuple):
     v_fmt: KvFormat
     v: torch.Tensor
     v_scale: torch.Tensor | None
+    # Per-channel halves: the fp16 staging rows of the blocks written in this step, read
+    # instead of the codes by queries inside the same block (see _gather_staged).
+    k_stage: torch.Tensor | None = None
+    v_stage: torch.Tensor | None = None
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 K and V [kv_heads, B, L, head_dim] (in the stored, possibly rotated, basis)."""
@@ -119,7 +127,9 @@ class KvPool:
         data = torch.zeros((H, self.num_slots, fmt.data_dim(D)), dtype=fmt.storage, device=device)
         if fmt.per_channel_block:
             scale = torch.zeros((H, self.num_blocks, 2, D), dtype=fmt.scale_dtype, device=device)
-            staging = torch.zeros((H, self.staging_rows, self.block_size, D), dtype=torch.float16, device=device)
+            staging = torch.zeros(
+                (H, self.staging_rows, self.block_size, D), dtype=torch.float16, device=device
+            )
             return HalfCache(fmt, data, scale, staging)
         scale = None
         if fmt.scaled:
@@ -191,22 +201,23 @@ class KvPool:
                 self._free_rows.append(int(self.row_of[b]))
                 self.row_of[b] = -1
 
-    def _gather_staged(self, half: HalfCache, block_tables: torch.Tensor) -> torch.Tensor:
-        """Per-channel half, dequantized: full blocks from their codes, blocks being filled
-        from their fp16 staging rows -> fp32 [kv_heads, B, L, D]."""
+    def _gather_staged(self, half: HalfCache, block_tables: torch.Tensor):
+        """Per-channel half -> (the codes dequantized, fp32 [kv_heads, B, L, D]; the staging
+        rows of blocks that have one, fp32, zeros elsewhere). A query reads its own block
+        from staging (its tokens so far, in fp16) and every earlier block, which is full,
+        from the codes, whether the block was completed in this step or long ago: so the
+        numbers do not depend on how a prompt was chunked, batched or recomputed."""
         H, (B, nblk) = self.num_kv_heads, block_tables.shape
         ids = block_tables.reshape(-1)
         bs, D = self.block_size, self.head_dim
         data = torch.index_select(half.data.view(H, self.num_blocks, -1), 1, ids)
         data = data.view(H, B, nblk, bs, -1)
         scale = torch.index_select(half.scale, 1, ids).view(H, B, nblk, 2, D)
-        out = half.fmt.dequantize_block(data, scale)
+        codes = half.fmt.dequantize_block(data, scale).view(H, B, nblk * bs, D)
         rows = self.row_of[block_tables]
-        staged = (rows >= 0) & ~self.complete[block_tables]
-        if staged.any():
-            fp16 = half.staging[:, rows.clamp(min=0)].float()  # [H, B, nblk, bs, D]
-            out = torch.where(staged.view(1, B, nblk, 1, 1), fp16, out)
-        return out.view(H, B, nblk * bs, D)
+        staged = half.staging[:, rows.clamp(min=0)].float()  # [H, B, nblk, bs, D]
+        staged = staged * (rows >= 0).view(1, B, nblk, 1, 1)
+        return codes, staged.view(H, B, nblk * bs, D)
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> KvView:
         """The K/V of whole blocks, as stored: [B, nblk] block ids -> data
@@ -225,7 +236,9 @@ class KvPool:
 
         def half(h: HalfCache):
             if h.fmt.per_channel_block:  # handed out dequantized, as an fp32 "format"
-                return FP32_VIEW, self._gather_staged(h, block_tables), None
-            return h.fmt, take(h.data), take(h.scale)
+                codes, staged = self._gather_staged(h, block_tables)
+                return (FP32_VIEW, codes, None), staged
+            return (h.fmt, take(h.data), take(h.scale)), None
 
-        return KvView(*half(self.keys[layer]), *half(self.values[layer]))
+        (k, k_stage), (v, v_stage) = half(self.keys[layer]), half(self.values[layer])
+        return KvView(*k, *v, k_stage, v_stage)

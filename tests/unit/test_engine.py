@@ -205,3 +205,10 @@ def test_per_channel_keys_alone_equals_batched_and_releases_staging(tiny_model_d
     final = run_all(eng, {rid: (p, GREEDY) for rid, p in PROMPTS.items()}, schedule={"b": 2, "c": 5, "d": 9})
     assert {rid: out.token_ids for rid, out in final.items()} == alone
     assert len(eng.pool._free_rows) == eng.pool.staging_rows and (eng.pool.row_of < 0).all()
+
+
+def test_budget_eaten_by_staging_is_explained(tiny_model_dir):
+    with pytest.raises(ValueError, match="staging rows"):
+        make_engine(
+            tiny_model_dir, **spec_flags("int4pc"), kv_cache_num_blocks=None, kv_cache_memory_gb=0.0001
+        )

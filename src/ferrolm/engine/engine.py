@@ -16,7 +16,7 @@ from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.engine.scheduler import ScheduledSeq, Scheduler
 from ferrolm.engine.sequence import Request, SeqStatus, Sequence
 from ferrolm.kv.blocks import BlockManager, blocks_needed
-from ferrolm.kv.pool import KvPool, num_blocks_for_budget
+from ferrolm.kv.pool import KvPool, num_blocks_for_budget, staging_bytes
 from ferrolm.models.loader import load_model
 from ferrolm.models.registry import resolve_model
 from ferrolm.runtime import resolve_compute_dtype, tune_allocator
@@ -52,6 +52,15 @@ class LLMEngine:
             kv.block_size,
             staging_rows,
         )
+        if num_blocks < 1 and self.kv_spec.staged:
+            staged = staging_bytes(
+                self.kv_spec, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size, staging_rows
+            )
+            raise ValueError(
+                f"the KV budget ({kv.memory_gb} GiB) holds no block once the fp16 staging rows of the "
+                f"per-channel format ({staged / 2**20:.0f} MiB for {staging_rows} blocks being filled) are "
+                "taken; raise memory_gb, or lower max_num_seqs / max_num_batched_tokens"
+            )
         self.pool = KvPool(
             self.kv_spec,
             mcfg.num_layers,

@@ -188,7 +188,8 @@ class LLMEngine:
         for item, (item_rows, logits) in zip(batch, per_item):
             self._record_prompt_logprobs(item, item_rows, logits, touched)
         ready = self.scheduler.postprocess(batch)
-        self.pool.retain_staging(self.scheduler.blocks_being_filled())
+        if self.pool.staging_rows:
+            self.pool.retain_staging(self.scheduler.blocks_being_filled())
         if not ready:
             return self._outputs(touched, {})
         ready_ids = {seq.seq_id for seq in ready}

@@ -27,11 +27,6 @@ class StepContext:
     meta: AttentionMetadata
 
 
-def _rotate(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ H in fp32, back in x's dtype."""
-    return (x.float() @ h).to(x.dtype)
-
-
 class PagedAttention:
     def __init__(self, layer: int, scale: float) -> None:
         self.layer = layer
@@ -40,18 +35,23 @@ class PagedAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D] in q's dtype."""
         lk = ctx.pool.spec.layers[self.layer]
-        h = hadamard(q.shape[-1], q.device) if lk.key.rotated or lk.value.rotated else None
-        if lk.key.rotated:
-            q, k = _rotate(q, h), _rotate(k, h)
-        if lk.value.rotated:
-            v = _rotate(v, h)
+        dtype = q.dtype
+        if lk.key.rotated or lk.value.rotated:
+            # Rotations run in fp32 and stay there: quantize, the backend's scores and its
+            # output are fp32 anyway, so each rotation costs one small matmul and no casts.
+            h = hadamard(q.shape[-1], q.device)
+            q = q.float()
+            if lk.key.rotated:
+                q, k = q @ h, k.float() @ h
+            if lk.value.rotated:
+                v = v.float() @ h
         ctx.backend.write(ctx.pool, self.layer, ctx.meta.slot_mapping, k, v)
         out = ctx.backend.attend(q, self.layer, ctx.pool, ctx.meta, self.scale)
         if lk.value.rotated:  # sum_j p_j (v_j H) = (sum_j p_j v_j) H
             T, HD = out.shape
-            D = q.shape[-1]
-            out = _rotate(out.view(T, HD // D, D), h).view(T, HD)
-        return out
+            D = h.shape[0]
+            out = (out.view(T, HD // D, D) @ h).view(T, HD)
+        return out.to(dtype)
 
 
 def paged_attention(

@@ -37,7 +37,6 @@ class LLMEngine:
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
         kv = config.kv_cache
         self.kv_spec = kv.spec(mcfg.num_layers)
-        self.kv_spec.check_head_dim(mcfg.head_dim)
         self.backend = select_backend(kv.attention_backend, self.kv_spec)
         sched = config.scheduler
         # Per-channel formats stage the blocks written in a step, and the blocks still being

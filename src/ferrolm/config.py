@@ -227,7 +227,7 @@ ENGINE_FLAGS: dict[str, Flag] = {
     "kv_cache_rotation": Flag(
         "kv_cache", "rotation", "Hadamard rotation of scaled KV formats: auto (each format's own), on, off."
     ),
-    "attention_backend": Flag("kv_cache", "attention_backend", "Attention backend: auto or torch."),
+    "attention_backend": Flag("kv_cache", "attention_backend", "Attention backend: auto (the compiled CPU kernels where they build, else torch), cpu or torch."),
     "kv_cache_memory_gb": Flag("kv_cache", "memory_gb", "KV cache budget in GiB."),
     "kv_cache_num_blocks": Flag("kv_cache", "num_blocks", "Explicit KV block count (overrides the budget)."),
     "block_size": Flag("kv_cache", "block_size", "Tokens per KV block."),

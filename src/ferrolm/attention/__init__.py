@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from ferrolm.attention.backend import AttentionBackend
+from ferrolm.attention.cpu_backend import CpuBackend
 from ferrolm.attention.layer import PagedAttention, StepContext, paged_attention
 from ferrolm.attention.metadata import AttentionGroup, AttentionMetadata
 from ferrolm.attention.torch_backend import TorchBackend
 from ferrolm.kv.spec import KvSpec
 
-BACKENDS: dict[str, type] = {"torch": TorchBackend}
+# "auto" takes the first that can run the spec: the compiled kernels where they build,
+# else the torch reference.
+BACKENDS: dict[str, type] = {"cpu": CpuBackend, "torch": TorchBackend}
 
 
 def select_backend(name: str, spec: KvSpec) -> AttentionBackend:
@@ -33,6 +36,7 @@ __all__ = [
     "AttentionBackend",
     "AttentionGroup",
     "AttentionMetadata",
+    "CpuBackend",
     "PagedAttention",
     "StepContext",
     "TorchBackend",

@@ -1,14 +1,18 @@
 """Per-step attention metadata, built once by the runner and used by every layer.
 
 A step's tokens are a flat list (several sequences, each contributing a prefill
-chunk or one decode token): the slot each new token's K/V goes to, and groups of
-sequences attended together on padded query grids (decodes apart from prefill
-chunks, so one long chunk does not pad every decode to its length).
+chunk or one decode token). Built eagerly, with a few tensor ops: the slot each new
+token's K/V goes to, and the flat description compiled backends walk (int32 block
+tables, each sequence's first token in the flat list, its context length after the
+step). Built on first use, for the torch reference: groups of sequences attended
+together on padded query grids (decodes apart from prefill chunks, so one long chunk
+does not pad every decode to its length).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -26,45 +30,59 @@ class AttentionGroup:
     max_q: int
 
 
-@dataclass
 class AttentionMetadata:
-    """Built once per step. Decodes (one new token) and prefill chunks form separate
-    groups, so that one long chunk does not pad every decode to its length."""
+    """Sequence b computes tokens start_positions[b] .. + num_new_tokens[b] - 1."""
 
-    slot_mapping: torch.Tensor  # [T] pool slot of each new token
-    groups: list[AttentionGroup]
-
-    @classmethod
-    def build(
-        cls,
+    def __init__(
+        self,
         block_tables: list[list[int]],
         start_positions: list[int],
         num_new_tokens: list[int],
         block_size: int,
         device: torch.device | str = "cpu",
+    ) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.num_new = num_new_tokens
+        self.starts = start_positions
+        self._tables = block_tables
+        B = len(block_tables)
+        nblk = max(len(t) for t in block_tables)
+        tables = torch.zeros((B, nblk), dtype=torch.int32)
+        for i, t in enumerate(block_tables):  # one C-level copy per sequence
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        news = torch.tensor(num_new_tokens, dtype=torch.int32)
+        starts = torch.tensor(start_positions, dtype=torch.int32)
+        q_start = torch.zeros(B + 1, dtype=torch.int32)
+        torch.cumsum(news, 0, out=q_start[1:])
+        seq_of = torch.repeat_interleave(torch.arange(B), news.long())  # [T]
+        pos = starts.long()[seq_of] + torch.arange(len(seq_of)) - q_start.long()[seq_of]
+        blocks = tables.long()[seq_of, pos // block_size]
+        self.slot_mapping = (blocks * block_size + pos % block_size).to(device)
+        self.block_tables = tables.to(device)  # [B, nblk] int32, padded with block 0
+        self.q_start = q_start.to(device)  # [B + 1] int32: sequence b's tokens are q_start[b]..[b+1]
+        self.ctx_len = (starts + news).to(device)  # [B] int32: keys each sequence has after the step
+
+    @classmethod
+    def build(
+        cls, block_tables, start_positions, num_new_tokens, block_size, device="cpu"
     ) -> AttentionMetadata:
-        """Sequence b computes tokens start_positions[b] .. + num_new_tokens[b] - 1."""
+        return cls(block_tables, start_positions, num_new_tokens, block_size, device)
+
+    @cached_property
+    def groups(self) -> list[AttentionGroup]:
+        """Padded query grids for the torch reference (decodes, then prefill chunks)."""
+        news = self.num_new
         offsets = [0]
-        for n in num_new_tokens:
+        for n in news:
             offsets.append(offsets[-1] + n)
-        slots = []
-        for table, start, n in zip(block_tables, start_positions, num_new_tokens):
-            pos = torch.arange(start, start + n)
-            slots.append(
-                torch.tensor(table, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
-            )
         groups = []
-        for members in (
-            [b for b, n in enumerate(num_new_tokens) if n == 1],
-            [b for b, n in enumerate(num_new_tokens) if n > 1],
-        ):
+        for members in ([b for b, n in enumerate(news) if n == 1], [b for b, n in enumerate(news) if n > 1]):
             if members:
                 groups.append(
-                    _group(
-                        members, block_tables, start_positions, num_new_tokens, offsets, block_size, device
-                    )
+                    _group(members, self._tables, self.starts, news, offsets, self.block_size, self.device)
                 )
-        return cls(slot_mapping=torch.cat(slots).to(device), groups=groups)
+        return groups
 
 
 def _group(

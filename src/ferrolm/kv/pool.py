@@ -160,7 +160,7 @@ class KvPool:
         is) into `slots` of one layer."""
         for half, x in ((self.keys[layer], k), (self.values[layer], v)):
             if half.fmt.per_channel_block:
-                self._write_staged(half, slots, x.transpose(0, 1))
+                self.write_staged(half, slots, x.transpose(0, 1))
                 continue
             q, s = half.fmt.quantize(x.transpose(0, 1))
             # Indexed assignment (index_put_) works for every storage dtype, fp8 included.
@@ -168,7 +168,7 @@ class KvPool:
             if s is not None:
                 half.scale[:, slots] = s
 
-    def _write_staged(self, half: HalfCache, slots: torch.Tensor, x: torch.Tensor) -> None:
+    def write_staged(self, half: HalfCache, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Per-channel half: tokens into their blocks' staging rows; blocks whose last slot
         is written are quantized from their row (and read quantized from then on)."""
         bs = self.block_size

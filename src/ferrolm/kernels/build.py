@@ -1,0 +1,100 @@
+"""Build and load ferrolm's compiled CPU kernels, once per machine.
+
+The C++ source (cpu_attention.cpp) is compiled with torch.utils.cpp_extension on first
+use, with -O3 -march=native so that its vector code becomes AVX-512 or AVX2 for the
+CPU it runs on, and cached under FERROLM_HOME/kernels/<name>, where the name hashes the
+source, the torch version and the CPU's flags (a home shared by different machines gets
+one build per kind of CPU). Nothing is built at install time: a build-isolated install
+would pull a CUDA torch. Without a C++ compiler or ninja, `load()` returns None and says
+why once; the torch attention backend then serves every format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ferrolm.paths import ferrolm_home
+from ferrolm.runtime import cpu_flags
+
+log = logging.getLogger("ferrolm")
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+_state: dict[str, object] = {}
+
+
+def build_name() -> str:
+    h = hashlib.sha256()
+    h.update(SOURCE.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(" ".join(CFLAGS + sorted(cpu_flags()) + [platform.machine()]).encode())
+    return f"ferrolm_cpu_{h.hexdigest()[:12]}"
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be built here (None: they can)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"the compiled CPU kernels target x86-64, this is {platform.machine()}"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found; install g++ or set CXX)"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is missing (pip install ninja)"
+    return None
+
+
+def load() -> bool:
+    """Build (first time) and load the kernels into torch.ops.ferrolm_cpu; False (with one
+    warning naming the reason) when they cannot be built here."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    why = unavailable_reason()
+    if why is None:
+        try:
+            _build()
+        except Exception as e:  # a failed build must not stop the engine: the torch backend serves
+            why = (
+                f"the build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+            )
+    if why is not None:
+        log.warning("compiled CPU attention unavailable (%s); using the torch backend", why)
+    _state["ok"] = why is None
+    _state["why"] = why
+    return why is None
+
+
+def failure() -> str | None:
+    return _state.get("why")  # type: ignore[return-value]
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load as cpp_load
+
+    name = build_name()
+    directory = ferrolm_home() / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob("*.so"))
+    if fresh:
+        log.info(
+            "building the compiled CPU attention kernels for this CPU (once, about 10 s) in %s", directory
+        )
+    t0 = time.perf_counter()
+    cpp_load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=False,
+    )
+    if fresh:
+        log.info("built the compiled CPU attention kernels in %.1f s", time.perf_counter() - t0)

@@ -1,0 +1,547 @@
+// ferrolm's compiled CPU attention: paged attention that reads every KV format in place,
+// and quantize-on-write in one pass. Built on first use with -O3 -march=native (so the
+// vector code below becomes AVX-512 or AVX2 on the machine that runs it) and cached.
+//
+// Layout (kv/pool.py): data [kv_heads, slots, data_dim], per-token or per-group fp16
+// scales [kv_heads, slots, groups]; per-channel (int4pc) halves: scales and minima
+// [kv_heads, blocks, 2, D], fp16 staging rows [kv_heads, rows, block_size, D], row_of.
+// A work item is (sequence, kv head, tile of queries, context split): it walks the
+// sequence's block table 16 keys at a time, converts those keys to fp32 in an L1 buffer,
+// folds per-token scales into the scores (K) and the probabilities (V), and keeps an
+// online softmax; query heads sharing the kv head share every conversion.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef _Float16 h16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+enum Fmt : int64_t { F32 = 0, F16 = 1, BF16 = 2, I8 = 3, E4M3 = 4, E5M2 = 5, LUT4 = 6, PC4 = 7 };
+constexpr int TILE = 16;  // keys per tile: one 16-float vector of scores
+constexpr float MIN_SCALE = 1.0f / 16384.0f;
+constexpr float FP16_MAX = 65504.0f;
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 splat(float x) { return v16{} + x; }
+
+inline float hsum(v16 v) {
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
+// (relative error ~2e-7); x <= -88 gives 0.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-88.0f), hi = splat(88.0f);
+  v16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  v16 n = xc * 1.44269504088896341f;
+  n = __builtin_convertvector(__builtin_convertvector(n + (v16)(n >= 0 ? splat(0.5f) : splat(-0.5f)), i32x16), v16);
+  v16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  v16 out = p * (v16)e;
+  return x <= lo ? v16{} : out;
+}
+
+inline v16 from_f16(const void* p) {
+  h16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, v16);
+}
+inline v16 from_bf16(const void* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (v16)(__builtin_convertvector(h, u32x16) << 16);
+}
+inline v16 from_i8(const void* p) {
+  i8x16 q;
+  std::memcpy(&q, p, sizeof q);
+  return __builtin_convertvector(q, v16);
+}
+// E4M3 s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the value / 256, subnormals too.
+inline v16 from_e4m3(const void* p) {
+  i8x16 q;
+  std::memcpy(&q, p, sizeof q);
+  i16x16 x = __builtin_convertvector(q, i16x16) << 7;
+  x &= (int16_t)-0x4001;
+  return __builtin_convertvector((h16)x, v16);
+}
+// E5M2 is the high byte of fp16.
+inline v16 from_e5m2(const void* p) {
+  u8x16 q;
+  std::memcpy(&q, p, sizeof q);
+  u16x16 x = __builtin_convertvector(q, u16x16) << 8;
+  return __builtin_convertvector((h16)x, v16);
+}
+// Eight bytes of two nibbles each -> 16 table indices (low nibble first).
+inline i32x16 nibbles(const uint8_t* p) {
+  u8x16 b;
+  std::memcpy(&b, p, 8);
+  u8x16 d = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const u8x16 sh = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+  return __builtin_convertvector((u8x16)((d >> sh) & 15), i32x16);
+}
+
+// One half (K or V) of one layer, as the kernels see it.
+struct Half {
+  const uint8_t* data;
+  const c10::Half* scale;  // per token: [H, S, groups]; per channel: [H, blocks, 2, D]
+  const c10::Half* stage;  // per channel: [H, rows, bs, D]
+  const int64_t* row_of;   // per channel: staging row of each block
+  int64_t fmt, groups, elem, slots, blocks, rows;
+  v16 lut;                 // LUT4: value of each nibble before the group scale
+  float factor;            // folded into per-token scales (256 for E4M3)
+
+  bool per_token_scale() const { return fmt == I8 || fmt == E4M3 || fmt == E5M2; }
+};
+
+// n <= 16 tokens of one head starting at `slot` (consecutive slots of one block) -> fp32
+// rows buf[n][D]; per-token multipliers (folded scales; 1 when the values are scaled
+// already) into mul[0..n). Rows n..15 are zero and their multipliers 0.
+void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, float* buf, float* mul) {
+  const int64_t dd = h.fmt == LUT4 || h.fmt == PC4 ? D / 2 : D;
+  const uint8_t* base = h.data + (head * h.slots + slot) * dd * h.elem;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* src = base + j * dd * h.elem;
+    float* dst = buf + j * D;
+    switch (h.fmt) {
+      case F32:
+        std::memcpy(dst, src, D * sizeof(float));
+        break;
+      case F16:
+        for (int c = 0; c < D; c += 16) store16(dst + c, from_f16(src + 2 * c));
+        break;
+      case BF16:
+        for (int c = 0; c < D; c += 16) store16(dst + c, from_bf16(src + 2 * c));
+        break;
+      case I8:
+        for (int c = 0; c < D; c += 16) store16(dst + c, from_i8(src + c));
+        break;
+      case E4M3:
+        for (int c = 0; c < D; c += 16) store16(dst + c, from_e4m3(src + c));
+        break;
+      case E5M2:
+        for (int c = 0; c < D; c += 16) store16(dst + c, from_e5m2(src + c));
+        break;
+      case LUT4: {
+        const c10::Half* s = h.scale + (head * h.slots + slot + j) * h.groups;
+        const int gsize = D / h.groups;
+        for (int c = 0; c < D; c += 16) {
+          v16 x = __builtin_shuffle(h.lut, nibbles(src + c / 2));
+          store16(dst + c, x * (float)s[c / gsize]);
+        }
+        break;
+      }
+      case PC4: {
+        const int64_t blk = (slot + j) / bs;
+        const c10::Half* s = h.scale + (head * h.blocks + blk) * 2 * D;
+        for (int c = 0; c < D; c += 16) {
+          v16 q = __builtin_convertvector(nibbles(src + c / 2), v16);
+          store16(dst + c, q * from_f16(s + c) + from_f16(s + D + c));
+        }
+        break;
+      }
+    }
+    if (h.per_token_scale())
+      mul[j] = (float)h.scale[head * h.slots + slot + j] * h.factor;
+    else
+      mul[j] = 1.0f;
+  }
+  for (int j = n; j < TILE; ++j) {
+    std::memset(buf + j * D, 0, D * sizeof(float));
+    mul[j] = 0.0f;
+  }
+}
+
+// Per-channel halves: a block's fp16 staging row (the query's own block) -> fp32 rows.
+void convert_stage(const Half& h, int64_t head, int64_t block, int off, int n, int D, int bs, float* buf,
+                   float* mul) {
+  const int64_t row = h.row_of[block];
+  for (int j = 0; j < TILE; ++j) {
+    mul[j] = j < n ? 1.0f : 0.0f;
+    float* dst = buf + j * D;
+    if (j >= n || row < 0) {
+      std::memset(dst, 0, D * sizeof(float));
+      continue;
+    }
+    const c10::Half* src = h.stage + ((head * h.rows + row) * bs + off + j) * D;
+    for (int c = 0; c < D; c += 16) store16(dst + c, from_f16(src + c));
+  }
+}
+
+struct Item {
+  int32_t seq, head, q0, nq, split;
+};
+
+struct Partial {  // a split's running softmax state, merged afterwards
+  float* m;
+  float* l;
+  float* acc;
+};
+
+void run_item(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
+              const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
+              int D, int bs, float scale, Partial* part) {
+  const int b = it.seq;
+  const int rows = G * it.nq;
+  const int64_t tok0 = q_start[b] + it.q0;
+  const int64_t n_new = q_start[b + 1] - q_start[b];
+  const int64_t first_pos = ctx_len[b] - n_new + it.q0;  // position of the tile's first query
+  const int64_t last_pos = first_pos + it.nq - 1;
+  const int64_t keys = last_pos + 1;
+  const int64_t tiles_per_block = (bs + TILE - 1) / TILE;
+  const int64_t nblocks = (keys + bs - 1) / bs;
+  const int64_t ntiles = nblocks * tiles_per_block;
+  const int64_t per = (ntiles + nsplit - 1) / nsplit;
+  const int64_t t_begin = it.split * per, t_end = std::min(ntiles, t_begin + per);
+
+  thread_local std::vector<float> scratch;
+  const size_t need = (size_t)rows * D + 2 * rows + 4 * TILE * D + 4 * TILE + (size_t)rows * TILE;
+  if (scratch.size() < need) scratch.resize(need);
+  float* acc = scratch.data();
+  float* m = acc + (size_t)rows * D;
+  float* l = m + rows;
+  float* kbuf = l + rows;
+  float* vbuf = kbuf + TILE * D;
+  float* kown = vbuf + TILE * D;
+  float* vown = kown + TILE * D;
+  float* kmul = vown + TILE * D;
+  float* vmul = kmul + TILE;
+  float* kmul_own = vmul + TILE;
+  float* vmul_own = kmul_own + TILE;
+  float* p = vmul_own + TILE;  // [rows][TILE]
+  std::fill(acc, acc + (size_t)rows * D, 0.0f);
+  std::fill(m, m + rows, -INFINITY);
+  std::fill(l, l + rows, 0.0f);
+  const int64_t kv_head = it.head;
+  const bool k_pc = K.fmt == PC4, v_pc = V.fmt == PC4;
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t bi = t / tiles_per_block;
+    const int off = (int)((t % tiles_per_block) * TILE);
+    const int64_t key0 = bi * bs + off;
+    if (key0 > last_pos) break;
+    const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
+    const int64_t block = tables[b * nblk + bi];
+    const int64_t slot = block * bs + off;
+    convert(K, kv_head, slot, n, D, bs, kbuf, kmul);
+    convert(V, kv_head, slot, n, D, bs, vbuf, vmul);
+    // Per-channel halves: queries inside this block read its staging row instead.
+    const bool own_here = (k_pc || v_pc) && first_pos / bs <= bi && bi <= last_pos / bs;
+    if (own_here) {
+      if (k_pc) convert_stage(K, kv_head, block, off, n, D, bs, kown, kmul_own);
+      if (v_pc) convert_stage(V, kv_head, block, off, n, D, bs, vown, vmul_own);
+    }
+    for (int qi = 0; qi < it.nq; ++qi) {
+      const int64_t pos = first_pos + qi;
+      const bool own = own_here && pos / bs == bi;
+      const float* kb = own && k_pc ? kown : kbuf;
+      const float* km = own && k_pc ? kmul_own : kmul;
+      const float* vm = own && v_pc ? vmul_own : vmul;
+      const int64_t valid = std::min<int64_t>(n, pos - key0 + 1);  // causal
+      for (int g = 0; g < G; ++g) {
+        const int r = qi * G + g;
+        const float* qr = q + (tok0 + qi) * H * D + (kv_head * G + g) * D;
+        v16 s = splat(-INFINITY);
+        for (int j = 0; j < valid; ++j) {
+          v16 a{};
+          for (int c = 0; c < D; c += 16) a += load16(qr + c) * load16(kb + j * D + c);
+          s[j] = hsum(a) * km[j] * scale;
+        }
+        if (valid <= 0) {
+          store16(p + r * TILE, v16{});
+          continue;
+        }
+        const float mt = hmax(s);
+        const float mn = std::max(m[r], mt);
+        const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
+        v16 e = vexp(s - mn);
+        l[r] = l[r] * corr + hsum(e);
+        m[r] = mn;
+        store16(p + r * TILE, e * load16(vm));
+        if (corr != 1.0f) {
+          float* ar = acc + (size_t)r * D;
+          for (int c = 0; c < D; c += 16) store16(ar + c, load16(ar + c) * corr);
+        }
+      }
+    }
+    for (int qi = 0; qi < it.nq; ++qi) {
+      const int64_t pos = first_pos + qi;
+      const bool own = own_here && v_pc && pos / bs == bi;
+      const float* vb = own ? vown : vbuf;
+      for (int g = 0; g < G; ++g) {
+        const int r = qi * G + g;
+        float* ar = acc + (size_t)r * D;
+        const float* pr = p + r * TILE;
+        for (int c = 0; c < D; c += 16) {
+          v16 a = load16(ar + c);
+          for (int j = 0; j < n; ++j) a += pr[j] * load16(vb + j * D + c);
+          store16(ar + c, a);
+        }
+      }
+    }
+  }
+  if (part) {
+    std::memcpy(part->m, m, rows * sizeof(float));
+    std::memcpy(part->l, l, rows * sizeof(float));
+    std::memcpy(part->acc, acc, (size_t)rows * D * sizeof(float));
+    return;
+  }
+  for (int qi = 0; qi < it.nq; ++qi)
+    for (int g = 0; g < G; ++g) {
+      const int r = qi * G + g;
+      const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+      float* dst = out + (tok0 + qi) * H * D + (kv_head * G + g) * D;
+      for (int c = 0; c < D; ++c) dst[c] = acc[(size_t)r * D + c] * inv;
+    }
+}
+
+Half make_half(const at::Tensor& data, const c10::optional<at::Tensor>& scale,
+               const c10::optional<at::Tensor>& stage, const c10::optional<at::Tensor>& row_of, int64_t fmt,
+               const at::Tensor& lut, int64_t bs) {
+  Half h{};
+  h.data = static_cast<const uint8_t*>(data.data_ptr());
+  h.fmt = fmt;
+  h.elem = data.element_size();
+  h.slots = data.size(1);
+  h.blocks = h.slots / bs;
+  h.factor = fmt == E4M3 ? 256.0f : 1.0f;
+  if (scale && scale->defined()) {
+    TORCH_CHECK(scale->scalar_type() == at::kHalf && scale->is_contiguous(), "scales must be contiguous fp16");
+    h.scale = static_cast<const c10::Half*>(scale->data_ptr());
+    h.groups = fmt == PC4 ? 0 : scale->size(-1);
+  }
+  if (fmt == PC4) {
+    TORCH_CHECK(stage && row_of, "per-channel halves need their staging rows");
+    h.stage = static_cast<const c10::Half*>(stage->data_ptr());
+    h.rows = stage->size(1);
+    h.row_of = row_of->data_ptr<int64_t>();
+  }
+  if (lut.numel() == 16) std::memcpy(&h.lut, lut.data_ptr<float>(), sizeof h.lut);
+  return h;
+}
+
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::optional<at::Tensor>& k_scale,
+                  const c10::optional<at::Tensor>& k_stage, int64_t k_fmt, const at::Tensor& k_lut,
+                  const at::Tensor& v_data, const c10::optional<at::Tensor>& v_scale,
+                  const c10::optional<at::Tensor>& v_stage, int64_t v_fmt, const at::Tensor& v_lut,
+                  const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
+                  const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
+                  int64_t max_rows, int64_t num_threads) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q: contiguous fp32 [T, H, D]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && q_start.scalar_type() == at::kInt &&
+                  ctx_len.scalar_type() == at::kInt,
+              "block tables, query starts and context lengths are int32");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t KVH = k_data.size(0), G = H / KVH;
+  TORCH_CHECK(D % 16 == 0, "head_dim must be a multiple of 16");
+  const Half K = make_half(k_data, k_scale, k_stage, row_of, k_fmt, k_lut, block_size);
+  const Half V = make_half(v_data, v_scale, v_stage, row_of, v_fmt, v_lut, block_size);
+  const int64_t B = ctx_len.size(0), nblk = block_tables.size(1);
+  const int32_t* qs = q_start.data_ptr<int32_t>();
+  const int32_t* cl = ctx_len.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t qt = std::max<int64_t>(1, max_rows / G);  // queries per tile
+
+  std::vector<Item> items;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t n = qs[b + 1] - qs[b];
+    longest = std::max<int64_t>(longest, cl[b]);
+    for (int32_t q0 = 0; q0 < n; q0 += qt)
+      for (int64_t h = 0; h < KVH; ++h)
+        items.push_back({(int32_t)b, (int32_t)h, q0, (int32_t)std::min<int64_t>(qt, n - q0), 0});
+  }
+  // Too few items to keep every thread busy (one long sequence): split the context.
+  int nsplit = 1;
+  const int64_t threads = std::max<int64_t>(1, num_threads);
+  if ((int64_t)items.size() < 2 * threads && longest >= 512)
+    nsplit = (int)std::min<int64_t>((2 * threads + items.size() - 1) / items.size(), longest / 256);
+  at::Tensor out = at::empty({T, H * D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int bs = (int)block_size;
+  const float sc = (float)scale;
+  if (nsplit == 1) {
+    at::parallel_for(0, items.size(), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        run_item(items[i], 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
+    });
+    return out;
+  }
+  const int64_t rows = G * qt;
+  std::vector<float> pm(items.size() * nsplit * rows), pl(pm.size()), pacc(pm.size() * D);
+  at::parallel_for(0, items.size() * nsplit, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      Item it = items[i / nsplit];
+      it.split = (int32_t)(i % nsplit);
+      Partial part{pm.data() + i * rows, pl.data() + i * rows, pacc.data() + i * rows * D};
+      run_item(it, nsplit, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, &part);
+    }
+  });
+  at::parallel_for(0, items.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Item& it = items[i];
+      const int64_t tok0 = qs[it.seq] + it.q0;
+      for (int qi = 0; qi < it.nq; ++qi)
+        for (int g = 0; g < G; ++g) {
+          const int r = qi * G + g;
+          float mx = -INFINITY;
+          for (int s = 0; s < nsplit; ++s) mx = std::max(mx, pm[(i * nsplit + s) * rows + r]);
+          float l = 0.0f;
+          float* dst = op + (tok0 + qi) * H * D + (it.head * G + g) * D;
+          std::fill(dst, dst + D, 0.0f);
+          for (int s = 0; s < nsplit; ++s) {
+            const int64_t k = (i * nsplit + s) * rows + r;
+            if (pm[k] == -INFINITY) continue;
+            const float w = std::exp(pm[k] - mx);
+            l += w * pl[k];
+            for (int c = 0; c < D; ++c) dst[c] += w * pacc[k * D + c];
+          }
+          const float inv = l > 0 ? 1.0f / l : 0.0f;
+          for (int c = 0; c < D; ++c) dst[c] *= inv;
+        }
+    }
+  });
+  return out;
+}
+
+// Quantize-on-write, one pass per (token, kv head): absmax per group, fp16 scale, round or
+// cast, store; the same arithmetic as KvFormat.quantize, so the bytes are identical.
+void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& data, const c10::optional<at::Tensor>& scale,
+           int64_t fmt, double qmax_d, const at::Tensor& mids) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 3, "x: contiguous fp32 [T, H, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "slots are int64");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), S = data.size(1);
+  const float* xp = x.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  uint8_t* dp = static_cast<uint8_t*>(data.data_ptr());
+  const int64_t es = data.element_size();
+  const int64_t dd = data.size(2);
+  c10::Half* scp = scale && scale->defined() ? static_cast<c10::Half*>(scale->data_ptr()) : nullptr;
+  const int64_t groups = scp ? scale->size(-1) : 1;
+  const float qmax = (float)qmax_d;
+  const bool codebook = mids.numel() > 0;
+  const float* mp = codebook ? mids.data_ptr<float>() : nullptr;
+  const int64_t nmid = mids.numel();
+  at::parallel_for(0, T * H, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<float> qv(D);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t t = i / H, h = i % H;
+      const float* src = xp + (t * H + h) * D;
+      const int64_t row = h * S + sp[t];
+      uint8_t* dst = dp + row * dd * es;
+      switch (fmt) {
+        case F32:
+          std::memcpy(dst, src, D * sizeof(float));
+          continue;
+        case F16:
+          for (int64_t c = 0; c < D; ++c) reinterpret_cast<c10::Half*>(dst)[c] = c10::Half(src[c]);
+          continue;
+        case BF16:
+          for (int64_t c = 0; c < D; ++c) reinterpret_cast<c10::BFloat16*>(dst)[c] = c10::BFloat16(src[c]);
+          continue;
+        default:
+          break;
+      }
+      const int64_t gsize = D / groups;
+      for (int64_t g = 0; g < groups; ++g) {
+        float amax = 0.0f;
+        for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) amax = std::max(amax, std::fabs(src[c]));
+        const float s = (float)c10::Half(std::min(std::max(amax / qmax, MIN_SCALE), FP16_MAX));
+        scp[row * groups + g] = c10::Half(s);
+        for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) {
+          float v = std::min(std::max(src[c] / s, -qmax), qmax);
+          if (fmt == I8 || (fmt == LUT4 && !codebook)) v = std::nearbyint(v);
+          qv[c] = v;
+        }
+      }
+      switch (fmt) {
+        case I8:
+          for (int64_t c = 0; c < D; ++c) reinterpret_cast<int8_t*>(dst)[c] = (int8_t)qv[c];
+          break;
+        case E4M3:
+          for (int64_t c = 0; c < D; ++c) dst[c] = c10::Float8_e4m3fn(qv[c]).x;
+          break;
+        case E5M2:
+          for (int64_t c = 0; c < D; ++c) dst[c] = c10::Float8_e5m2(qv[c]).x;
+          break;
+        case LUT4:
+          for (int64_t c = 0; c < D; c += 2) {
+            int lo4, hi4;
+            if (codebook) {
+              lo4 = hi4 = 0;
+              for (int64_t k = 0; k < nmid; ++k) {
+                lo4 += mp[k] < qv[c];
+                hi4 += mp[k] < qv[c + 1];
+              }
+            } else {
+              lo4 = (int)qv[c] + 8;
+              hi4 = (int)qv[c + 1] + 8;
+            }
+            dst[c / 2] = (uint8_t)(lo4 | (hi4 << 4));
+          }
+          break;
+        default:
+          TORCH_CHECK(false, "unknown KV format code ", fmt);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ferrolm_cpu, m) {
+  m.def(
+      "attend(Tensor q, Tensor k_data, Tensor? k_scale, Tensor? k_stage, int k_fmt, Tensor k_lut, Tensor v_data, "
+      "Tensor? v_scale, Tensor? v_stage, int v_fmt, Tensor v_lut, Tensor? row_of, Tensor block_tables, "
+      "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads) -> Tensor");
+  m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {
+  m.impl("attend", &attend);
+  m.impl("write", &kv_write);
+}

@@ -325,7 +325,13 @@ def _ints(text: str) -> tuple[int, ...]:
     "--context-lens",
     default="128,512,1024",
     show_default=True,
-    help="Context lengths for the decode-time curve ('' to skip).",
+    help="Context lengths of the decode grid ('' to skip).",
+)
+@bench_option(
+    "--decode-concurrency",
+    default="1",
+    show_default=True,
+    help="Concurrent sequences of the decode grid (decode tokens/s at each of these x each context).",
 )
 @bench_option(
     "--repeats", type=int, default=3, show_default=True, help="Repeats per point (medians reported)."
@@ -354,6 +360,7 @@ def bench_cmd(
     output_len,
     concurrency,
     context_lens,
+    decode_concurrency,
     repeats,
     kv_cache_memory_gb,
     baseline,
@@ -377,6 +384,7 @@ def bench_cmd(
         output_len=output_len,
         concurrency=_ints(concurrency),
         context_lens=_ints(context_lens),
+        decode_concurrency=_ints(decode_concurrency),
         repeats=repeats,
         kv_cache_memory_gb=kv_cache_memory_gb,
         baseline=None if baseline == "none" else baseline,

@@ -23,6 +23,8 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
             "1,2",
             "--context-lens",
             "8,16",
+            "--decode-concurrency",
+            "1,3",
             "--repeats",
             "2",
             "--kv-cache-memory-gb",
@@ -46,7 +48,10 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["tpot_s"] > 0
         if r["engine"] == "ferrolm":
             assert r["x_hf"] > 0 and r["x_fp16"] > 0
-    assert set(data["decode_s_vs_context"]) == {"fp16", "int8/int4"}
+    grid = {(g["kv_dtype"], g["concurrency"], g["context"]): g for g in data["decode_grid"]}
+    assert set(grid) == {(d, c, n) for d in ("fp16", "int8/int4") for c in (1, 3) for n in (8, 16)}
+    assert all(g["tokens_per_s"] > 0 and g["x_fp16"] > 0 for g in grid.values())
+    assert grid[("fp16", 3, 16)]["x_fp16"] == 1.0
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

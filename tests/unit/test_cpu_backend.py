@@ -89,10 +89,10 @@ def test_block_sizes_and_gqa_ratios(bs, gqa, dtype):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("head_dim", [16, 128, 256, 40])
+@pytest.mark.parametrize("head_dim", [16, 32, 128, 256, 40, 48])
 def test_head_dims(head_dim):
-    """Multiples of 16 run compiled; others (40) fall back to the reference inside the backend."""
-    spec = KvSpec.build(1, "int8" if head_dim != 40 else "fp16")
+    """16, 32, 64, 128 and 256 run compiled; others (40, 48) fall back to the reference inside the backend."""
+    spec = KvSpec.build(1, "int8" if head_dim in (16, 32, 128, 256) else "fp16")
     out, ref, *_ = _both(spec, heads=4, kv_heads=2, head_dim=head_dim, bs=16, seqs=MIXED)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
@@ -150,3 +150,21 @@ def test_without_a_compiler_auto_falls_back_to_torch_with_one_line(tmp_path):
         subprocess.run(
             [sys.executable, "-c", code.replace("'auto'", "'cpu'")], env=env, capture_output=True, check=True
         )
+
+
+def test_avx2_build_matches_the_reference(tmp_path):
+    """Machines differ: the AVX2 code paths (built with -march=haswell) give the same numbers."""
+    if "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    code = (
+        "import torch, sys; sys.path.insert(0, %r); import test_cpu_backend as t; "
+        "from ferrolm.kv.spec import KvSpec\n"
+        "for kv in ('fp16', 'bf16', 'int8', 'fp8', 'fp8_e5m2', 'int4', 'nf4', 'int4pc/int4'):\n"
+        "    out, ref, *_ = t._both(KvSpec.parse(kv, 1), heads=6, kv_heads=2, head_dim=64, bs=16, seqs=t.MIXED)\n"
+        "    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)\n"
+        "from ferrolm.kernels import build; print(build.build_name())"
+    ) % os.path.dirname(__file__)
+    env = {**os.environ, "FERROLM_KERNEL_MARCH": "haswell", "FERROLM_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(tmp_path.glob("kernels/*/*.so")), "the AVX2 build did not happen"

@@ -24,6 +24,7 @@ F32, F16, BF16, I8, E4M3, E5M2, LUT4, PC4 = range(8)
 _PLAIN = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
 _SCALED = {torch.int8: I8, torch.float8_e4m3fn: E4M3, torch.float8_e5m2: E5M2}
 MAX_ROWS = 64  # query rows (query heads x queries) per work item
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 _EMPTY = torch.empty(0)
 
 
@@ -63,7 +64,7 @@ class CpuBackend:
 
     def __init__(self) -> None:
         self._luts: dict[KvFormat, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._reference = TorchBackend()  # head_dim not a multiple of 16 (writes are identical)
+        self._reference = TorchBackend()  # other head_dims (writes are identical)
         self.available = build.load()  # builds once per machine; unsupported() says why not
 
     def unsupported(self, spec: KvSpec) -> str | None:
@@ -97,7 +98,7 @@ class CpuBackend:
     def attend(
         self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        if pool.head_dim % 16:
+        if pool.head_dim not in KERNEL_HEAD_DIMS:
             return self._reference.attend(q, layer, pool, meta, scale)
         K, V = pool.keys[layer], pool.values[layer]
         row_of = pool.row_of if (K.staging is not None or V.staging is not None) else None

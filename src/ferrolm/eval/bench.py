@@ -32,6 +32,7 @@ class BenchConfig:
     output_len: int = 64
     concurrency: tuple[int, ...] = (1, 4, 16)
     context_lens: tuple[int, ...] = (128, 512, 1024)
+    decode_concurrency: tuple[int, ...] = (1,)  # the decode grid: these x context_lens
     decode_steps: int = 16
     repeats: int = 3
     kv_cache_memory_gb: float = 1.0
@@ -74,22 +75,33 @@ def run_engine_once(engine: LLMEngine, prompts: list[list[int]], output_len: int
     }
 
 
-def decode_time_vs_context(
-    engine: LLMEngine, prompt: list[int], context_lens, steps: int
-) -> dict[int, float]:
-    """Median seconds per decode step of one sequence after a prompt of each length."""
-    out = {}
-    for n in context_lens:
-        engine.add_request(
-            "ctx", prompt[:n], SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
-        )
-        times = []
-        while engine.has_unfinished():
-            t = time.perf_counter()
-            outs = engine.step()
-            if outs and len(outs[0].token_ids) > 1:  # the first token comes from the prefill
-                times.append(time.perf_counter() - t)
-        out[n] = _median(times)
+def decode_step_time(engine: LLMEngine, prompts: list[list[int]], steps: int) -> float:
+    """Median seconds of one decode step of len(prompts) sequences, once every prompt is
+    prefilled (the steps that still prefill are not counted)."""
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"grid-{i}", p, params)
+    got: dict[str, int] = {}
+    times = []
+    while engine.has_unfinished():
+        prefilled = len(got) == len(prompts)
+        t = time.perf_counter()
+        outs = engine.step()
+        if prefilled:
+            times.append(time.perf_counter() - t)
+        for o in outs:
+            got[o.request_id] = len(o.token_ids)
+    return _median(times)
+
+
+def decode_grid(engine: LLMEngine, text: str, concurrency, context_lens, steps: int) -> list[dict]:
+    """Decode tokens/s at each (concurrent sequences, context length)."""
+    out = []
+    for c in concurrency:
+        for n in context_lens:
+            prompts = prompts_from_text(engine.tokenizer, text, c, n)
+            step = decode_step_time(engine, prompts, steps)
+            out.append({"concurrency": c, "context": n, "step_s": step, "tokens_per_s": c / step})
     return out
 
 
@@ -147,7 +159,7 @@ def _summarise(runs: list[dict]) -> dict:
 
 def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | None = None) -> dict:
     say = progress or (lambda _: None)
-    results, context_curves = [], {}
+    results, grid = [], []
     hf = None
     max_c = max(cfg.concurrency)
     for kv in cfg.kv_dtypes:
@@ -158,7 +170,7 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
                     dtype=cfg.compute_dtype,
                     **spec_flags(kv),
                     kv_cache_memory_gb=cfg.kv_cache_memory_gb,
-                    max_num_seqs=max(max_c, 1),
+                    max_num_seqs=max(max_c, *cfg.decode_concurrency, 1),
                     enable_prefix_caching=False,
                 )
             )
@@ -169,10 +181,10 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
             run_engine_once(engine, prompts[:c], min(cfg.output_len, 4))  # warm-up
             runs = [run_engine_once(engine, prompts[:c], cfg.output_len) for _ in range(cfg.repeats)]
             results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **_summarise(runs)})
-        if cfg.context_lens:
-            say(f"ferrolm kv={kv} decode time vs context")
-            long = prompts_from_text(engine.tokenizer, text, 1, max(cfg.context_lens))[0]
-            context_curves[kv] = decode_time_vs_context(engine, long, cfg.context_lens, cfg.decode_steps)
+        if cfg.context_lens and cfg.decode_concurrency:
+            say(f"ferrolm kv={kv} decode grid")
+            for row in decode_grid(engine, text, cfg.decode_concurrency, cfg.context_lens, cfg.decode_steps):
+                grid.append({"kv_dtype": kv, **row})
         if cfg.baseline == "hf" and hf is None:
             hf = (hf_model_like(engine), prompts)
         del engine
@@ -186,13 +198,17 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
                 {"engine": "hf", "kv_dtype": "hf-dynamic-cache", "concurrency": c, **_summarise(runs)}
             )
     _add_ratios(results)
+    for row in grid:
+        fp16 = next(
+            (g for g in grid if g["kv_dtype"] == "fp16" and (g["concurrency"], g["context"]) == (row["concurrency"], row["context"])),
+            None,
+        )
+        row["x_fp16"] = row["tokens_per_s"] / fp16["tokens_per_s"] if fp16 else None
     return {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
         "threads": torch.get_num_threads(),
         "results": results,
-        "decode_s_vs_context": {
-            kv: {str(k): v for k, v in curve.items()} for kv, curve in context_curves.items()
-        },
+        "decode_grid": grid,
     }
 
 
@@ -218,16 +234,18 @@ def format_table(report: dict) -> str:
             f"| {r['engine']} | {r['kv_dtype']} | {r['concurrency']} | {r['ttft_s'] * 1e3:.0f} | "
             f"{r['tpot_s'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {f16} | {xhf} |"
         )
-    if report["decode_s_vs_context"]:
+    if report["decode_grid"]:
         lines += [
             "",
-            "| KV dtype | "
-            + " | ".join(f"decode ms @ {k}" for k in next(iter(report["decode_s_vs_context"].values())))
-            + " |",
+            "| KV dtype | sequences | context | decode ms/step | decode tok/s | x fp16 |",
+            "|---|---|---|---|---|---|",
         ]
-        lines.append("|---" * (1 + len(next(iter(report["decode_s_vs_context"].values())))) + "|")
-        for kv, curve in report["decode_s_vs_context"].items():
-            lines.append(f"| {kv} | " + " | ".join(f"{v * 1e3:.1f}" for v in curve.values()) + " |")
+        for g in report["decode_grid"]:
+            f16 = f"{g['x_fp16']:.2f}" if g.get("x_fp16") is not None else "-"
+            lines.append(
+                f"| {g['kv_dtype']} | {g['concurrency']} | {g['context']} | {g['step_s'] * 1e3:.1f} | "
+                f"{g['tokens_per_s']:.1f} | {f16} |"
+            )
     return "\n".join(lines)
 
 
@@ -249,11 +267,15 @@ def plot(report: dict, path: str) -> None:
     ax1.set_xlabel("concurrent requests")
     ax1.set_ylabel("output tokens/s")
     ax1.legend()
-    for kv, curve in report["decode_s_vs_context"].items():
-        xs = [int(k) for k in curve]
-        ax2.plot(xs, [v * 1e3 for v in curve.values()], marker="o", label=kv)
+    top = max((g["concurrency"] for g in report["decode_grid"]), default=1)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for g in report["decode_grid"]:
+        if g["concurrency"] == top:
+            curves.setdefault(g["kv_dtype"], []).append((g["context"], g["tokens_per_s"]))
+    for kv, pts in curves.items():
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kv)
     ax2.set_xlabel("context length (tokens)")
-    ax2.set_ylabel("decode ms per token (1 sequence)")
+    ax2.set_ylabel(f"decode tokens/s ({top} sequences)")
     ax2.legend()
     fig.suptitle(f"ferrolm bench: {report['config']['model']}, compute {report['config']['compute_dtype']}")
     fig.tight_layout()

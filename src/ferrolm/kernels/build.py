@@ -26,7 +26,13 @@ from ferrolm.runtime import cpu_flags
 
 log = logging.getLogger("ferrolm")
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is inline and runs serially without it; the extension then
+# shares torch's libgomp.so.1 (same soname, already loaded), so there is one thread pool.
+# FERROLM_KERNEL_MARCH overrides -march=native (e.g. haswell: the AVX2 paths on an
+# AVX-512 machine, as the tests do).
+def cflags() -> list[str]:
+    march = os.environ.get("FERROLM_KERNEL_MARCH", "native")
+    return ["-O3", f"-march={march}", "-fno-math-errno", "-fopenmp"]
 _state: dict[str, object] = {}
 
 
@@ -34,7 +40,7 @@ def build_name() -> str:
     h = hashlib.sha256()
     h.update(SOURCE.read_bytes())
     h.update(torch.__version__.encode())
-    h.update(" ".join(CFLAGS + sorted(cpu_flags()) + [platform.machine()]).encode())
+    h.update(" ".join(cflags() + sorted(cpu_flags()) + [platform.machine()]).encode())
     return f"ferrolm_cpu_{h.hexdigest()[:12]}"
 
 
@@ -91,7 +97,8 @@ def _build() -> None:
     cpp_load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=CFLAGS,
+        extra_cflags=cflags(),
+        extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         is_python_module=False,
         verbose=False,

@@ -18,6 +18,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -57,10 +59,70 @@ inline float hsum(v16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+inline v8 vmax8(v8 a, v8 b) { return a > b ? a : b; }
 inline float hmax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-  return m;
+  v8 a = vmax8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  a = vmax8(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3));
+  a = vmax8(a, __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5));
+  return std::max(a[0], a[1]);
+}
+
+// Sixteen vectors of partial sums -> one vector of their sums (lane j = sum of a[j]):
+// a transpose-and-add tree of 30 two-source shuffles and 15 adds.
+inline v16 reduce16(const v16* a) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Scores of one query row against a tile of 16 keys (rows of kb, zero past the tile's end).
+template <int NC>
+inline v16 tile_scores(const float* qr, const float* kb) {
+  v16 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = load16(qr + 16 * c);
+  v16 a[TILE];
+  for (int j = 0; j < TILE; ++j) {
+    a[j] = qv[0] * load16(kb + j * NC * 16);
+    for (int c = 1; c < NC; ++c) a[j] += qv[c] * load16(kb + j * NC * 16 + 16 * c);
+  }
+  return reduce16(a);
+}
+
+// acc[r] = acc[r] * corr[r] + sum_j p[r][j] V[j] for R rows at once (R x NC independent chains).
+template <int NC, int R>
+inline void tile_pv(float* acc, const float* p, const float* corr, const float* vb, int n) {
+  v16 a[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) a[r][c] = load16(acc + (r * NC + c) * 16) * corr[r];
+  for (int j = 0; j < n; ++j)
+    for (int r = 0; r < R; ++r) {
+      const float pj = p[r * TILE + j];
+      for (int c = 0; c < NC; ++c) a[r][c] += pj * load16(vb + (j * NC + c) * 16);
+    }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) store16(acc + (r * NC + c) * 16, a[r][c]);
+}
+
+template <int NC>
+void tile_pv_rows(float* acc, const float* p, const float* corr, const float* vb, int n, int rows) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) tile_pv<NC, 4>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n);
+  switch (rows - r) {
+    case 3: tile_pv<NC, 3>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n); break;
+    case 2: tile_pv<NC, 2>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n); break;
+    case 1: tile_pv<NC, 1>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n); break;
+    default: break;
+  }
 }
 
 // exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
@@ -85,20 +147,79 @@ inline v16 vexp(v16 x) {
   return x <= lo ? v16{} : out;
 }
 
-inline v16 from_f16(const void* p) {
+// 16 fp16 bit patterns -> fp32 with the hardware conversion (gcc's generic vector
+// conversion from _Float16 comes out as scalar code).
+inline v16 f16_bits_to_f32(i16x16 bits) {
+#if defined(__AVX512F__)
+  __m256i x;
+  std::memcpy(&x, &bits, sizeof x);
+  __m512 y = _mm512_cvtph_ps(x);
+  v16 out;
+  std::memcpy(&out, &y, sizeof out);
+  return out;
+#elif defined(__F16C__)
+  __m128i lo, hi;
+  std::memcpy(&lo, &bits, 16);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&bits) + 16, 16);
+  __m256 a = _mm256_cvtph_ps(lo), b = _mm256_cvtph_ps(hi);
+  v16 out;
+  std::memcpy(&out, &a, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &b, 32);
+  return out;
+#else
   h16 h;
-  std::memcpy(&h, p, sizeof h);
+  std::memcpy(&h, &bits, sizeof h);
   return __builtin_convertvector(h, v16);
+#endif
+}
+inline v16 from_f16(const void* p) {
+  i16x16 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return f16_bits_to_f32(bits);
 }
 inline v16 from_bf16(const void* p) {
   u16x16 h;
   std::memcpy(&h, p, sizeof h);
   return (v16)(__builtin_convertvector(h, u32x16) << 16);
 }
+inline v16 i32_to_v16(i32x16 x) {
+#if defined(__AVX512F__)
+  __m512i y;
+  std::memcpy(&y, &x, sizeof y);
+  __m512 f = _mm512_cvtepi32_ps(y);
+  v16 out;
+  std::memcpy(&out, &f, sizeof out);
+  return out;
+#else
+  return __builtin_convertvector(x, v16);
+#endif
+}
 inline v16 from_i8(const void* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+  v16 out;
+  std::memcpy(&out, &f, sizeof out);
+  return out;
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  v16 out;
+  std::memcpy(&out, &a, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &c, 32);
+  return out;
+#else
   i8x16 q;
   std::memcpy(&q, p, sizeof q);
   return __builtin_convertvector(q, v16);
+#endif
+}
+inline float half_to_float(c10::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);
+#else
+  return (float)h;
+#endif
 }
 // E4M3 s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the value / 256, subnormals too.
 inline v16 from_e4m3(const void* p) {
@@ -106,22 +227,47 @@ inline v16 from_e4m3(const void* p) {
   std::memcpy(&q, p, sizeof q);
   i16x16 x = __builtin_convertvector(q, i16x16) << 7;
   x &= (int16_t)-0x4001;
-  return __builtin_convertvector((h16)x, v16);
+  return f16_bits_to_f32(x);
 }
 // E5M2 is the high byte of fp16.
 inline v16 from_e5m2(const void* p) {
   u8x16 q;
   std::memcpy(&q, p, sizeof q);
   u16x16 x = __builtin_convertvector(q, u16x16) << 8;
-  return __builtin_convertvector((h16)x, v16);
+  return f16_bits_to_f32((i16x16)x);
 }
 // Eight bytes of two nibbles each -> 16 table indices (low nibble first).
 inline i32x16 nibbles(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // each byte twice
+  const __m512i sh = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  const __m512i x = _mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15));
+  i32x16 out;
+  std::memcpy(&out, &x, sizeof out);
+  return out;
+#else
   u8x16 b;
   std::memcpy(&b, p, 8);
   u8x16 d = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const u8x16 sh = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
   return __builtin_convertvector((u8x16)((d >> sh) & 15), i32x16);
+#endif
+}
+// A 16-entry table looked up at 16 indices (vpermps on AVX-512).
+inline v16 lookup16(v16 table, i32x16 idx) {
+#if defined(__AVX512F__)
+  __m512 t;
+  __m512i i;
+  std::memcpy(&t, &table, sizeof t);
+  std::memcpy(&i, &idx, sizeof i);
+  __m512 r = _mm512_permutexvar_ps(i, t);
+  v16 out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+#else
+  return __builtin_shuffle(table, idx);
+#endif
 }
 
 // One half (K or V) of one layer, as the kernels see it.
@@ -169,8 +315,8 @@ void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, fl
         const c10::Half* s = h.scale + (head * h.slots + slot + j) * h.groups;
         const int gsize = D / h.groups;
         for (int c = 0; c < D; c += 16) {
-          v16 x = __builtin_shuffle(h.lut, nibbles(src + c / 2));
-          store16(dst + c, x * (float)s[c / gsize]);
+          v16 x = lookup16(h.lut, nibbles(src + c / 2));
+          store16(dst + c, x * half_to_float(s[c / gsize]));
         }
         break;
       }
@@ -178,14 +324,14 @@ void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, fl
         const int64_t blk = (slot + j) / bs;
         const c10::Half* s = h.scale + (head * h.blocks + blk) * 2 * D;
         for (int c = 0; c < D; c += 16) {
-          v16 q = __builtin_convertvector(nibbles(src + c / 2), v16);
+          v16 q = i32_to_v16(nibbles(src + c / 2));
           store16(dst + c, q * from_f16(s + c) + from_f16(s + D + c));
         }
         break;
       }
     }
     if (h.per_token_scale())
-      mul[j] = (float)h.scale[head * h.slots + slot + j] * h.factor;
+      mul[j] = half_to_float(h.scale[head * h.slots + slot + j]) * h.factor;
     else
       mul[j] = 1.0f;
   }
@@ -193,6 +339,16 @@ void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, fl
     std::memset(buf + j * D, 0, D * sizeof(float));
     mul[j] = 0.0f;
   }
+}
+
+// Ask for a tile's bytes ahead of use: consecutive tiles sit in scattered blocks, which
+// the hardware prefetcher cannot guess.
+inline void prefetch_tile(const Half& h, int64_t head, int64_t slot, int n, int D) {
+  const int64_t dd = h.fmt == LUT4 || h.fmt == PC4 ? D / 2 : D;
+  const char* p = reinterpret_cast<const char*>(h.data + (head * h.slots + slot) * dd * h.elem);
+  const int64_t bytes = n * dd * h.elem;
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  if (h.scale && h.fmt != PC4) __builtin_prefetch(h.scale + (head * h.slots + slot) * h.groups);
 }
 
 // Per-channel halves: a block's fp16 staging row (the query's own block) -> fp32 rows.
@@ -238,7 +394,7 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
   const int64_t t_begin = it.split * per, t_end = std::min(ntiles, t_begin + per);
 
   thread_local std::vector<float> scratch;
-  const size_t need = (size_t)rows * D + 2 * rows + 4 * TILE * D + 4 * TILE + (size_t)rows * TILE;
+  const size_t need = (size_t)rows * D + 3 * rows + 4 * TILE * D + 4 * TILE + (size_t)rows * TILE;
   if (scratch.size() < need) scratch.resize(need);
   float* acc = scratch.data();
   float* m = acc + (size_t)rows * D;
@@ -252,6 +408,10 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
   float* kmul_own = vmul + TILE;
   float* vmul_own = kmul_own + TILE;
   float* p = vmul_own + TILE;  // [rows][TILE]
+  float* corr = p + (size_t)rows * TILE;
+  const int NC = D / 16;
+  v16 lane;
+  for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
   std::fill(acc, acc + (size_t)rows * D, 0.0f);
   std::fill(m, m + rows, -INFINITY);
   std::fill(l, l + rows, 0.0f);
@@ -266,6 +426,14 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
     const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
     const int64_t block = tables[b * nblk + bi];
     const int64_t slot = block * bs + off;
+    if (t + 1 < t_end) {
+      const int64_t nbi = (t + 1) / tiles_per_block, noff = ((t + 1) % tiles_per_block) * TILE;
+      if (nbi * bs + noff <= last_pos) {
+        const int64_t nslot = tables[b * nblk + nbi] * bs + noff;
+        prefetch_tile(K, kv_head, nslot, TILE, D);
+        prefetch_tile(V, kv_head, nslot, TILE, D);
+      }
+    }
     convert(K, kv_head, slot, n, D, bs, kbuf, kmul);
     convert(V, kv_head, slot, n, D, bs, vbuf, vmul);
     // Per-channel halves: queries inside this block read its staging row instead.
@@ -274,51 +442,56 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
       if (k_pc) convert_stage(K, kv_head, block, off, n, D, bs, kown, kmul_own);
       if (v_pc) convert_stage(V, kv_head, block, off, n, D, bs, vown, vmul_own);
     }
+    // Scores and the online softmax, row by row (row r = query qi, head g); rows whose
+    // query sits in this block read per-channel halves from staging.
+    bool any_own_v = false;
     for (int qi = 0; qi < it.nq; ++qi) {
       const int64_t pos = first_pos + qi;
       const bool own = own_here && pos / bs == bi;
+      any_own_v |= own && v_pc;
       const float* kb = own && k_pc ? kown : kbuf;
-      const float* km = own && k_pc ? kmul_own : kmul;
-      const float* vm = own && v_pc ? vmul_own : vmul;
+      const v16 km = load16(own && k_pc ? kmul_own : kmul) * scale;
+      const v16 vm = load16(own && v_pc ? vmul_own : vmul);
       const int64_t valid = std::min<int64_t>(n, pos - key0 + 1);  // causal
       for (int g = 0; g < G; ++g) {
         const int r = qi * G + g;
-        const float* qr = q + (tok0 + qi) * H * D + (kv_head * G + g) * D;
-        v16 s = splat(-INFINITY);
-        for (int j = 0; j < valid; ++j) {
-          v16 a{};
-          for (int c = 0; c < D; c += 16) a += load16(qr + c) * load16(kb + j * D + c);
-          s[j] = hsum(a) * km[j] * scale;
-        }
         if (valid <= 0) {
           store16(p + r * TILE, v16{});
+          corr[r] = 1.0f;
           continue;
         }
-        const float mt = hmax(s);
-        const float mn = std::max(m[r], mt);
-        const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
-        v16 e = vexp(s - mn);
-        l[r] = l[r] * corr + hsum(e);
+        const float* qr = q + (tok0 + qi) * H * D + (kv_head * G + g) * D;
+        v16 s = NC == 1 ? tile_scores<1>(qr, kb) : NC == 2 ? tile_scores<2>(qr, kb) : NC == 4 ? tile_scores<4>(qr, kb)
+              : NC == 8 ? tile_scores<8>(qr, kb) : tile_scores<16>(qr, kb);
+        s = s * km;
+        s = lane < (float)valid ? s : splat(-INFINITY);
+        const float mn = std::max(m[r], hmax(s));
+        corr[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
+        const v16 e = vexp(s - mn);
+        l[r] = l[r] * corr[r] + hsum(e);
         m[r] = mn;
-        store16(p + r * TILE, e * load16(vm));
-        if (corr != 1.0f) {
-          float* ar = acc + (size_t)r * D;
-          for (int c = 0; c < D; c += 16) store16(ar + c, load16(ar + c) * corr);
-        }
+        store16(p + r * TILE, e * vm);
       }
     }
-    for (int qi = 0; qi < it.nq; ++qi) {
-      const int64_t pos = first_pos + qi;
-      const bool own = own_here && v_pc && pos / bs == bi;
-      const float* vb = own ? vown : vbuf;
-      for (int g = 0; g < G; ++g) {
-        const int r = qi * G + g;
-        float* ar = acc + (size_t)r * D;
-        const float* pr = p + r * TILE;
-        for (int c = 0; c < D; c += 16) {
-          v16 a = load16(ar + c);
-          for (int j = 0; j < n; ++j) a += pr[j] * load16(vb + j * D + c);
-          store16(ar + c, a);
+    if (!any_own_v) {
+      switch (NC) {
+        case 1: tile_pv_rows<1>(acc, p, corr, vbuf, n, rows); break;
+        case 2: tile_pv_rows<2>(acc, p, corr, vbuf, n, rows); break;
+        case 4: tile_pv_rows<4>(acc, p, corr, vbuf, n, rows); break;
+        case 8: tile_pv_rows<8>(acc, p, corr, vbuf, n, rows); break;
+        default: tile_pv_rows<16>(acc, p, corr, vbuf, n, rows); break;
+      }
+    } else {
+      for (int qi = 0; qi < it.nq; ++qi) {
+        const bool own = own_here && (first_pos + qi) / bs == bi;
+        const float* vb = own ? vown : vbuf;
+        const int r0 = qi * G;
+        switch (NC) {
+          case 1: tile_pv_rows<1>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
+          case 2: tile_pv_rows<2>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
+          case 4: tile_pv_rows<4>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
+          case 8: tile_pv_rows<8>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
+          default: tile_pv_rows<16>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
         }
       }
     }
@@ -376,7 +549,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::opti
               "block tables, query starts and context lengths are int32");
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t KVH = k_data.size(0), G = H / KVH;
-  TORCH_CHECK(D % 16 == 0, "head_dim must be a multiple of 16");
+  TORCH_CHECK(D == 16 || D == 32 || D == 64 || D == 128 || D == 256, "head_dim must be 16, 32, 64, 128 or 256");
   const Half K = make_half(k_data, k_scale, k_stage, row_of, k_fmt, k_lut, block_size);
   const Half V = make_half(v_data, v_scale, v_stage, row_of, v_fmt, v_lut, block_size);
   const int64_t B = ctx_len.size(0), nblk = block_tables.size(1);

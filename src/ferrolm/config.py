@@ -30,10 +30,11 @@ class _Part(BaseModel):
 class ModelConfig(_Part):
     name: str = DEFAULT_MODEL
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    weight_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
     max_logprobs: int = Field(default=20, ge=0)
 
-    @field_validator("dtype", mode="before")
+    @field_validator("dtype", "weight_dtype", mode="before")
     @classmethod
     def _dtype_alias(cls, v: Any) -> Any:
         aliases = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "float": "float32"}
@@ -210,6 +211,12 @@ ENGINE_FLAGS: dict[str, Flag] = {
         "Compute dtype: auto (bfloat16 where the CPU has native bf16, AVX512-BF16 or AMX; "
         "else float32), float32, bfloat16.",
     ),
+    "weight_dtype": Flag(
+        "model",
+        "weight_dtype",
+        "Weights: auto (GGUF Q4_0/Q4_1 linear layers stay 4-bit as shipped, the rest in the compute "
+        "dtype), float32 or bfloat16 (every weight dequantized to that dtype, which the layers then compute in).",
+    ),
     "max_model_len": Flag("model", "max_model_len", "Longest prompt + completion [default: the model's]."),
     "max_logprobs": Flag("model", "max_logprobs", "Most logprobs a request may ask for per token."),
     "kv_cache_dtype": Flag(
@@ -227,7 +234,11 @@ ENGINE_FLAGS: dict[str, Flag] = {
     "kv_cache_rotation": Flag(
         "kv_cache", "rotation", "Hadamard rotation of scaled KV formats: auto (each format's own), on, off."
     ),
-    "attention_backend": Flag("kv_cache", "attention_backend", "Attention backend: auto (the compiled CPU kernels where they build, else torch), cpu or torch."),
+    "attention_backend": Flag(
+        "kv_cache",
+        "attention_backend",
+        "Attention backend: auto (the compiled CPU kernels where they build, else torch), cpu or torch.",
+    ),
     "kv_cache_memory_gb": Flag("kv_cache", "memory_gb", "KV cache budget in GiB."),
     "kv_cache_num_blocks": Flag("kv_cache", "num_blocks", "Explicit KV block count (overrides the budget)."),
     "block_size": Flag("kv_cache", "block_size", "Tokens per KV block."),

@@ -30,8 +30,10 @@ class LLMEngine:
         tune_allocator()
         self.config = config
         path = resolve_model(config.model.name)
-        self.compute_dtype = resolve_compute_dtype(config.model.dtype)
-        self.model = load_model(path, self.compute_dtype)
+        wd = config.model.weight_dtype
+        self.compute_dtype = resolve_compute_dtype(config.model.dtype if wd == "auto" else wd)
+        self.model = load_model(path, self.compute_dtype, "auto" if wd == "auto" else "dense")
+        self.weights = self.model.weights_description()
         mcfg = self.model.config
         self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
@@ -78,9 +80,10 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # counters for metrics: tokens of added prompts ...
         self.num_generation_tokens = 0  # ... and tokens sampled
         log.info(
-            "model %s | compute %s (%s, CPU %s) | KV %s | %d bytes/token | attention %s | "
+            "model %s | weights %s | compute %s (%s, CPU %s) | KV %s | %d bytes/token | attention %s | "
             "cache holds %d tokens (%d blocks of %d)",
             config.model.name,
+            self.weights,
             str(self.compute_dtype).removeprefix("torch."),
             config.model.dtype,
             torch.backends.cpu.get_cpu_capability(),

@@ -130,7 +130,7 @@ def hf_model_like(engine: LLMEngine):
     # HF runs every tensor in the compute dtype (ferrolm keeps norms and head in fp32).
     state = {
         ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.to(engine.compute_dtype)
-        for k, v in engine.model.state_dict().items()
+        for k, v in engine.model.dense_state_dict().items()
     }
     hf.load_state_dict(state, strict=False, assign=True)
     if c.tie_word_embeddings:

@@ -26,6 +26,8 @@ from ferrolm.runtime import cpu_flags
 
 log = logging.getLogger("ferrolm")
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+
+
 # -fopenmp: at::parallel_for is inline and runs serially without it; the extension then
 # shares torch's libgomp.so.1 (same soname, already loaded), so there is one thread pool.
 # FERROLM_KERNEL_MARCH overrides -march=native (e.g. haswell: the AVX2 paths on an
@@ -33,6 +35,8 @@ SOURCE = Path(__file__).with_name("cpu_attention.cpp")
 def cflags() -> list[str]:
     march = os.environ.get("FERROLM_KERNEL_MARCH", "native")
     return ["-O3", f"-march={march}", "-fno-math-errno", "-fopenmp"]
+
+
 _state: dict[str, object] = {}
 
 

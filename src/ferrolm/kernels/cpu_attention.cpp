@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
@@ -704,6 +705,96 @@ void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& da
   });
 }
 
+// --- 4-bit weights as shipped (GGUF Q4_0 / Q4_1) --------------------------------------
+// qweight [N, K/2] uint8 in GGUF's own layout: per block of 32, byte j holds element j
+// (low nibble) and element j + 16 (high nibble); scales and mins [N, K/32] fp16 (Q4_0: min = -8 d). w = q d + min,
+// exactly GGUF's dequantization, in fp32. Small batches (decode) run a fused GEMV that
+// reads the 4-bit rows once for up to 8 input rows; larger ones dequantize into a
+// scratch matrix of x's dtype and call the dense GEMM.
+inline void q4_block(const uint8_t* p, v16& w0, v16& w1) {
+#if defined(__AVX512F__)
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+  std::memcpy(&w0, &lo, sizeof w0);
+  std::memcpy(&w1, &hi, sizeof w1);
+#else
+  u8x16 b;
+  std::memcpy(&b, p, sizeof b);
+  w0 = i32_to_v16(__builtin_convertvector((u8x16)(b & 15), i32x16));
+  w1 = i32_to_v16(__builtin_convertvector((u8x16)(b >> 4), i32x16));
+#endif
+}
+
+template <int MB>
+void q4_rows(const float* x, int64_t K, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn, int64_t n0,
+             int64_t n1, float* out, int64_t N) {
+  const int64_t nb = K / 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    v16 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = v16{};
+    const uint8_t* row = qw + n * (K / 2);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float d = half_to_float(sc[n * nb + b]), lo = half_to_float(mn[n * nb + b]);
+      v16 w0, w1;
+      q4_block(row + b * 16, w0, w1);
+      w0 = w0 * d + lo;
+      w1 = w1 * d + lo;
+      for (int m = 0; m < MB; ++m) {
+        acc[m] += w0 * load16(x + m * K + b * 32);
+        acc[m] += w1 * load16(x + m * K + b * 32 + 16);
+      }
+    }
+    for (int m = 0; m < MB; ++m) out[m * N + n] = hsum(acc[m]);
+  }
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& mins) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 32 == 0 && qweight.size(1) == K / 2, "K must be a multiple of 32 matching the weight");
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const c10::Half* sc = static_cast<const c10::Half*>(scales.data_ptr());
+  const c10::Half* mn = static_cast<const c10::Half*>(mins.data_ptr());
+  if (M > 8) {  // dequantize, then the dense GEMM in x's dtype
+    // Reused scratch (a fresh multi-MB allocation per call costs page faults every step).
+    static thread_local at::Tensor scratch;
+    if (!scratch.defined() || scratch.numel() < N * K) scratch = at::empty({N * K}, x.options().dtype(at::kFloat));
+    at::Tensor w = scratch.narrow(0, 0, N * K).view({N, K});
+    float* wp = w.data_ptr<float>();
+    const int64_t nb = K / 32;
+    at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n)
+        for (int64_t b = 0; b < nb; ++b) {
+          const float d = half_to_float(sc[n * nb + b]), m0 = half_to_float(mn[n * nb + b]);
+          v16 w0, w1;
+          q4_block(qw + n * (K / 2) + b * 16, w0, w1);
+          store16(wp + n * K + b * 32, w0 * d + m0);
+          store16(wp + n * K + b * 32 + 16, w1 * d + m0);
+        }
+    });
+    return at::mm(x, w.to(x.scalar_type()).t());
+  }
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+    switch (M) {
+      case 1: q4_rows<1>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      case 2: q4_rows<2>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      case 3: q4_rows<3>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      case 4: q4_rows<4>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      case 5: q4_rows<5>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      case 6: q4_rows<6>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      case 7: q4_rows<7>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+      default: q4_rows<8>(xp, K, qw, sc, mn, lo, hi, op, N); break;
+    }
+  });
+  return out.to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ferrolm_cpu, m) {
@@ -711,10 +802,12 @@ TORCH_LIBRARY(ferrolm_cpu, m) {
       "attend(Tensor q, Tensor k_data, Tensor? k_scale, Tensor? k_stage, int k_fmt, Tensor k_lut, Tensor v_data, "
       "Tensor? v_scale, Tensor? v_stage, int v_fmt, Tensor v_lut, Tensor? row_of, Tensor block_tables, "
       "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {
   m.impl("attend", &attend);
   m.impl("write", &kv_write);
+  m.impl("q4_linear", &q4_linear);
 }

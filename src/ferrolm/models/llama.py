@@ -148,10 +148,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.compute_dtype = torch.float32  # of the sublayers' inputs (set by to_compute_dtype)
 
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
-        """x: the fp32 residual stream; the sublayers compute in their weights' dtype."""
-        dt = self.mlp.down_proj.weight.dtype
+        """x: the fp32 residual stream; the sublayers compute in the compute dtype."""
+        dt = self.compute_dtype
         x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx).float()
         return x + self.mlp(self.post_attention_layernorm(x, dt)).float()
 
@@ -192,12 +193,32 @@ class LlamaModel(nn.Module):
         """fp32 hidden states -> fp32 logits, with an fp32 head (see the module docstring)."""
         return F.linear(hidden.float(), self.lm_head.weight.float())
 
+    def weights_description(self) -> str:
+        """'4-bit as shipped (210 linear layers), rest bfloat16' or 'bfloat16'."""
+        from ferrolm.models.quant_linear import Q4Linear
+
+        n = sum(isinstance(m, Q4Linear) for m in self.modules())
+        dense = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
+        return f"4-bit as shipped ({n} linear layers), rest {dense}" if n else dense
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight as a dense tensor (4-bit layers dequantized), HF names without "model."."""
+        from ferrolm.models.quant_linear import Q4Linear
+
+        state = dict(self.state_dict())
+        for name, mod in self.named_modules():
+            if isinstance(mod, Q4Linear):
+                state[f"{name}.weight"] = mod.dense_weight()
+        return state
+
     def to_compute_dtype(self, dtype: torch.dtype) -> LlamaModel:
         """Linear layers and the embedding to `dtype`; norms and the output head stay fp32
         (the head becomes an untied fp32 copy when it shares the bf16 embedding)."""
         keep = {n: p.detach().float() for n, p in self.named_parameters() if n.endswith("norm.weight")}
         head = self.lm_head.weight.detach().float()
         self.to(dtype)
+        for layer in self.layers:
+            layer.compute_dtype = dtype
         for name, value in keep.items():
             self.get_parameter(name).data = value
         if self.lm_head.weight.dtype != torch.float32:

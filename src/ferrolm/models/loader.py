@@ -18,9 +18,13 @@ import numpy as np
 import torch
 
 from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+from ferrolm.models.quant_linear import Q4Linear, Q4Weight, from_gguf
+
+# GGUF types kept as shipped by weight_dtype "auto" (linear layers only).
+KEPT_QUANT = ("Q4_0", "Q4_1")
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
-_CACHE: OrderedDict[tuple[str, torch.dtype], LlamaModel] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, torch.dtype, str], LlamaModel] = OrderedDict()
 _CACHE_SIZE = 2
 
 _GGUF_NAMES = {
@@ -41,35 +45,43 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaModel:
-    """Load (or reuse) a model from a .gguf file or a safetensors folder."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, weights: str = "dense") -> LlamaModel:
+    """Load (or reuse) a model from a .gguf file or a safetensors folder. weights "auto":
+    GGUF Q4_0/Q4_1 linear layers stay 4-bit (Q4Linear); "dense": every weight in `dtype`."""
     path = Path(path).resolve()
-    key = (str(path), dtype)
+    key = (str(path), dtype, weights)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     if path.is_file() and path.suffix == ".gguf":
-        cfg, weights = read_gguf(path)
+        cfg, tensors = read_gguf(path, keep_quant=weights == "auto")
     elif path.is_dir() and (path / "config.json").is_file():
-        cfg, weights = read_safetensors_folder(path)
+        cfg, tensors = read_safetensors_folder(path)
     else:
         raise FileNotFoundError(
             f"model path {path} is neither a .gguf file nor a folder with config.json and safetensors"
         )
-    model = build_model(cfg, weights, dtype)
+    model = build_model(cfg, tensors, dtype)
     _CACHE[key] = model
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return model
 
 
-def build_model(cfg: LlamaConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> LlamaModel:
+def build_model(
+    cfg: LlamaConfig, weights: dict[str, torch.Tensor | Q4Weight], dtype: torch.dtype
+) -> LlamaModel:
     weights = {k.removeprefix("model."): v for k, v in weights.items()}
     if "lm_head.weight" not in weights:
         cfg.tie_word_embeddings = True
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device="cpu")
+    packed = {k: w for k, w in weights.items() if isinstance(w, Q4Weight)}
+    for name, w in packed.items():  # these linear layers keep their weights 4-bit
+        parent, child = name.removesuffix(".weight").rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, Q4Linear(w))
+        del weights[name]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     unexpected = [u for u in unexpected if "rotary_emb" not in u]
@@ -91,7 +103,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[str, torch.Tensor | Q4Weight]]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -110,10 +122,14 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
 
     heads = m("attention.head_count")
     hidden = m("embedding_length")
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | Q4Weight] = {}
     for t in reader.tensors:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(s) for s in reversed(t.shape))
+        kind = t.tensor_type.name
+        if keep_quant and kind in KEPT_QUANT and t.name.startswith("blk.") and len(shape) == 2:
+            tensors[t.name] = from_gguf(t.data, kind, shape)
+            continue
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
     vocab = m("vocab_size") or tensors["token_embd.weight"].shape[0]
     scaling = None
@@ -144,10 +160,13 @@ def read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
         if not match or match.group(2) not in _GGUF_LAYER_NAMES:
             continue  # e.g. rope_freqs: recomputed from the config
         layer, part, kind = match.groups()
-        if part == "attn_q":
-            w = _unpermute(w, cfg.num_heads)
-        elif part == "attn_k":
-            w = _unpermute(w, cfg.num_kv_heads)
+        if part in ("attn_q", "attn_k"):
+            n = cfg.num_heads if part == "attn_q" else cfg.num_kv_heads
+            w = (
+                w.permute_rows(lambda t, n=n: _unpermute(t, n))
+                if isinstance(w, Q4Weight)
+                else _unpermute(w, n)
+            )
         weights[f"layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"] = w
     return cfg, weights
 

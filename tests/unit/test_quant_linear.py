@@ -1,0 +1,44 @@
+"""4-bit weights as shipped: lossless repacking of GGUF Q4_0/Q4_1 and the fused kernel."""
+
+import numpy as np
+import pytest
+import torch
+
+from ferrolm.models.quant_linear import Q4Linear, from_gguf
+
+
+def _gguf_blocks(kind: str, N: int, K: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF bytes of an [N, K] tensor: per block fp16 d (and m for Q4_1), 16 code bytes."""
+    rng = np.random.default_rng(seed)
+    nb = K // 32
+    d = (rng.random((N, nb)) * 0.02 + 1e-3).astype(np.float16)
+    parts = [d.view(np.uint8).reshape(N, nb, 2)]
+    if kind == "Q4_1":
+        m = (rng.standard_normal((N, nb)) * 0.05).astype(np.float16)
+        parts.append(m.view(np.uint8).reshape(N, nb, 2))
+    parts.append(rng.integers(0, 256, (N, nb, 16), dtype=np.uint8))
+    return np.concatenate(parts, axis=-1).reshape(N, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_repacking_is_lossless_against_gguf_dequantize(kind):
+    import gguf
+
+    raw = _gguf_blocks(kind, 48, 128)
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(48, 128)
+    w = from_gguf(raw, kind, (48, 128))
+    assert torch.equal(w.dequantize(), torch.from_numpy(np.asarray(ref, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_linear_matches_the_dense_layer(kind, rows, dtype):
+    w = from_gguf(_gguf_blocks(kind, 80, 192, seed=rows), kind, (80, 192))
+    layer = Q4Linear(w)
+    x = torch.randn(rows, 192).to(dtype)
+    ref = (x.float() @ w.dequantize().t()).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the product is rounded to bf16
+    torch.testing.assert_close(layer(x), ref, atol=tol, rtol=tol)
+    layer.compiled = False  # the path without compiled kernels
+    torch.testing.assert_close(layer(x), ref, atol=tol, rtol=tol)

@@ -26,7 +26,7 @@ KVH, H, D, BS = 3, 9, 64, 16
 def time_attend(kv: str, B: int, L: int, backend, reps: int) -> float:
     per_seq = L // BS + 1
     nb = B * per_seq + 1
-    pool = KvPool(KvSpec.parse(kv, 1), 1, KVH, D, num_blocks=nb, block_size=BS, staging_rows=2 * B + 2)
+    pool = KvPool(KvSpec.parse(kv, 1), 1, KVH, D, num_blocks=nb, block_size=BS, staging_rows=nb)
     perm = torch.randperm(nb).tolist()
     tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(B)]
     meta = AttentionMetadata.build(tables, [0] * B, [L] * B, BS)

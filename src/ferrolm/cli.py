@@ -316,6 +316,12 @@ def _ints(text: str) -> tuple[int, ...]:
     show_default=True,
     help="Compute dtype, auto as `serve` (also the HF baseline's).",
 )
+@bench_option(
+    "--weight-dtype",
+    default="auto",
+    show_default=True,
+    help="Weights: auto (GGUF 4-bit layers as shipped), float32 or bfloat16 (dense).",
+)
 @bench_option("--prompt-len", type=int, default=256, show_default=True, help="Prompt tokens per request.")
 @bench_option("--output-len", type=int, default=64, show_default=True, help="Generated tokens per request.")
 @bench_option(
@@ -356,6 +362,7 @@ def bench_cmd(
     model,
     kv_dtypes,
     dtype,
+    weight_dtype,
     prompt_len,
     output_len,
     concurrency,
@@ -380,6 +387,7 @@ def bench_cmd(
         model=model,
         kv_dtypes=kv,
         compute_dtype=compute_dtype_name(dtype),
+        weight_dtype=weight_dtype,
         prompt_len=prompt_len,
         output_len=output_len,
         concurrency=_ints(concurrency),

@@ -28,6 +28,7 @@ class BenchConfig:
     model: str = "smollm2-135m"
     kv_dtypes: tuple[str, ...] = ("fp16", "int8", "fp8")
     compute_dtype: str = "float32"
+    weight_dtype: str = "auto"
     prompt_len: int = 256
     output_len: int = 64
     concurrency: tuple[int, ...] = (1, 4, 16)
@@ -76,21 +77,25 @@ def run_engine_once(engine: LLMEngine, prompts: list[list[int]], output_len: int
 
 
 def decode_step_time(engine: LLMEngine, prompts: list[list[int]], steps: int) -> float:
-    """Median seconds of one decode step of len(prompts) sequences, once every prompt is
-    prefilled (the steps that still prefill are not counted)."""
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"grid-{i}", p, params)
-    got: dict[str, int] = {}
-    times = []
-    while engine.has_unfinished():
-        prefilled = len(got) == len(prompts)
+    """Median seconds of one decode step of len(prompts) sequences: only steps in which every
+    sequence decodes count (not the steps that still prefill some prompt, and none after one
+    finished); the requests are aborted after `steps` such steps."""
+    ids = [f"grid-{i}" for i in range(len(prompts))]
+    params = SamplingParams(temperature=0.0, max_tokens=10 * steps + 64, ignore_eos=True)
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    prefilled: set[str] = set()
+    times: list[float] = []
+    while engine.has_unfinished() and len(times) < steps:
+        all_decoding = len(prefilled) == len(prompts)
         t = time.perf_counter()
         outs = engine.step()
-        if prefilled:
-            times.append(time.perf_counter() - t)
-        for o in outs:
-            got[o.request_id] = len(o.token_ids)
+        dt = time.perf_counter() - t
+        if all_decoding and len(outs) == len(prompts) and not any(o.finished for o in outs):
+            times.append(dt)
+        prefilled.update(o.request_id for o in outs)
+    for rid in ids:
+        engine.abort(rid)
     return _median(times)
 
 
@@ -168,6 +173,7 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
                 dict(
                     model=cfg.model,
                     dtype=cfg.compute_dtype,
+                    weight_dtype=cfg.weight_dtype,
                     **spec_flags(kv),
                     kv_cache_memory_gb=cfg.kv_cache_memory_gb,
                     max_num_seqs=max(max_c, *cfg.decode_concurrency, 1),
@@ -200,7 +206,12 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
     _add_ratios(results)
     for row in grid:
         fp16 = next(
-            (g for g in grid if g["kv_dtype"] == "fp16" and (g["concurrency"], g["context"]) == (row["concurrency"], row["context"])),
+            (
+                g
+                for g in grid
+                if g["kv_dtype"] == "fp16"
+                and (g["concurrency"], g["context"]) == (row["concurrency"], row["context"])
+            ),
             None,
         )
         row["x_fp16"] = row["tokens_per_s"] / fp16["tokens_per_s"] if fp16 else None

@@ -749,20 +749,58 @@ void q4_rows(const float* x, int64_t K, const uint8_t* qw, const c10::Half* sc, 
   }
 }
 
+// Up to 8 x rows against one dequantized weight row held in L1.
+template <int MB>
+inline void dot_rows(const float* x, int64_t K, const float* w, float* out, int64_t N) {
+  v16 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = v16{};
+  for (int64_t k = 0; k < K; k += 16) {
+    const v16 wv = load16(w + k);
+    for (int m = 0; m < MB; ++m) acc[m] += wv * load16(x + m * K + k);
+  }
+  for (int m = 0; m < MB; ++m) out[m * N] = hsum(acc[m]);
+}
+
+// Medium batches: each weight row is dequantized once into an L1 buffer and used by every
+// x row (8 at a time); nothing of the size of the weight is written to memory.
+void q4_rows_tiled(const float* x, int64_t M, int64_t K, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
+                   int64_t n0, int64_t n1, float* out, int64_t N) {
+  const int64_t nb = K / 32;
+  thread_local std::vector<float> wrow;
+  if ((int64_t)wrow.size() < K) wrow.resize(K);
+  float* w = wrow.data();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * (K / 2);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float d = half_to_float(sc[n * nb + b]), lo = half_to_float(mn[n * nb + b]);
+      v16 w0, w1;
+      q4_block(row + b * 16, w0, w1);
+      store16(w + b * 32, w0 * d + lo);
+      store16(w + b * 32 + 16, w1 * d + lo);
+    }
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) dot_rows<8>(x + m * K, K, w, out + m * N + n, N);
+    for (; m < M; ++m) dot_rows<1>(x + m * K, K, w, out + m * N + n, N);
+  }
+}
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& mins) {
+                     const at::Tensor& mins, int64_t tiled_max) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(K % 32 == 0 && qweight.size(1) == K / 2, "K must be a multiple of 32 matching the weight");
   const uint8_t* qw = qweight.data_ptr<uint8_t>();
   const c10::Half* sc = static_cast<const c10::Half*>(scales.data_ptr());
   const c10::Half* mn = static_cast<const c10::Half*>(mins.data_ptr());
-  if (M > 8) {  // dequantize, then the dense GEMM in x's dtype
+  if (M > tiled_max) {  // dequantize into a reused matrix of x's dtype, then the dense GEMM
     // Reused scratch (a fresh multi-MB allocation per call costs page faults every step).
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
     static thread_local at::Tensor scratch;
-    if (!scratch.defined() || scratch.numel() < N * K) scratch = at::empty({N * K}, x.options().dtype(at::kFloat));
-    at::Tensor w = scratch.narrow(0, 0, N * K).view({N, K});
-    float* wp = w.data_ptr<float>();
+    if (!scratch.defined() || scratch.numel() < N * K * 2) scratch = at::empty({N * K * 2}, x.options().dtype(at::kShort));
+    at::Tensor w = bf16 ? scratch.narrow(0, 0, N * K).view(at::kBFloat16).view({N, K})
+                        : scratch.view(at::kFloat).narrow(0, 0, N * K).view({N, K});
+    uint8_t* wp = static_cast<uint8_t*>(w.data_ptr());
     const int64_t nb = K / 32;
     at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n)
@@ -770,17 +808,38 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
           const float d = half_to_float(sc[n * nb + b]), m0 = half_to_float(mn[n * nb + b]);
           v16 w0, w1;
           q4_block(qw + n * (K / 2) + b * 16, w0, w1);
-          store16(wp + n * K + b * 32, w0 * d + m0);
-          store16(wp + n * K + b * 32 + 16, w1 * d + m0);
+          w0 = w0 * d + m0;
+          w1 = w1 * d + m0;
+          const int64_t at = n * K + b * 32;
+          if (!bf16) {
+            store16(reinterpret_cast<float*>(wp) + at, w0);
+            store16(reinterpret_cast<float*>(wp) + at + 16, w1);
+            continue;
+          }
+          // fp32 -> bf16, round to nearest even (as torch's conversion; weights are finite).
+#if defined(__AVX512BF16__)
+          __m512 a0, a1;
+          std::memcpy(&a0, &w0, sizeof a0);
+          std::memcpy(&a1, &w1, sizeof a1);
+          const __m512bh r = _mm512_cvtne2ps_pbh(a1, a0);
+          std::memcpy(wp + at * 2, &r, sizeof r);
+          continue;
+#endif
+          for (int h = 0; h < 2; ++h) {
+            const u32x16 u = (u32x16)(h ? w1 : w0);
+            const u16x16 r = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, u16x16);
+            std::memcpy(wp + (at + 16 * h) * 2, &r, sizeof r);
+          }
         }
     });
-    return at::mm(x, w.to(x.scalar_type()).t());
+    return at::mm(x, w.t());
   }
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+    if (M > 8) return q4_rows_tiled(xp, M, K, qw, sc, mn, lo, hi, op, N);
     switch (M) {
       case 1: q4_rows<1>(xp, K, qw, sc, mn, lo, hi, op, N); break;
       case 2: q4_rows<2>(xp, K, qw, sc, mn, lo, hi, op, N); break;
@@ -802,7 +861,7 @@ TORCH_LIBRARY(ferrolm_cpu, m) {
       "attend(Tensor q, Tensor k_data, Tensor? k_scale, Tensor? k_stage, int k_fmt, Tensor k_lut, Tensor v_data, "
       "Tensor? v_scale, Tensor? v_stage, int v_fmt, Tensor v_lut, Tensor? row_of, Tensor block_tables, "
       "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads) -> Tensor");
-  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int tiled_max) -> Tensor");
   m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids) -> ()");
 }
 

@@ -17,6 +17,9 @@ from torch import nn
 from ferrolm.kernels import build
 
 BLOCK = 32
+# Up to this many rows the kernel dequantizes each weight row into L1 and reuses it for
+# every input row; above, it dequantizes the whole matrix and calls the dense GEMM.
+TILED_MAX = 16  # measured on AMX: 199 vs 220 us at 16 rows, 494 vs 244 at 32 (576x1536)
 
 
 class Q4Weight:
@@ -74,7 +77,7 @@ class Q4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).contiguous()
         if self.compiled:
-            y = torch.ops.ferrolm_cpu.q4_linear(x2, self.q4.codes, self.q4.scales, self.q4.mins)
+            y = torch.ops.ferrolm_cpu.q4_linear(x2, self.q4.codes, self.q4.scales, self.q4.mins, TILED_MAX)
         else:
             y = (x2.float() @ self.q4.dequantize().t()).to(x.dtype)
         return y.view(*shape[:-1], self.out_features)

@@ -42,3 +42,26 @@ def test_q4_linear_matches_the_dense_layer(kind, rows, dtype):
     torch.testing.assert_close(layer(x), ref, atol=tol, rtol=tol)
     layer.compiled = False  # the path without compiled kernels
     torch.testing.assert_close(layer(x), ref, atol=tol, rtol=tol)
+
+
+def test_q8_0_head_is_lossless_and_matches_the_dense_head():
+    import gguf
+
+    from ferrolm.models.quant_linear import Q8Linear, q8_from_gguf
+
+    rng = np.random.default_rng(1)
+    N, K = 70, 96
+    d = (rng.random((N, K // 32)) * 0.01 + 1e-3).astype(np.float16)
+    q = rng.integers(-128, 128, (N, K // 32, 32), dtype=np.int8)
+    raw = np.concatenate((d.view(np.uint8).reshape(N, -1, 2), q.view(np.uint8)), axis=-1).reshape(N, -1)
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(N, K)
+    w = q8_from_gguf(raw, (N, K))
+    assert torch.equal(w.dequantize(), torch.from_numpy(np.asarray(ref, dtype=np.float32)))
+    head = Q8Linear(w)
+    for rows in (1, 5, 9, 20):
+        x = torch.randn(rows, K)
+        expected = x @ w.dequantize().t()
+        torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+        head.compiled = False
+        torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
+        head.compiled = True

@@ -191,6 +191,8 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 hidden states -> fp32 logits, with an fp32 head (see the module docstring)."""
+        if not isinstance(self.lm_head, nn.Linear):  # kept as shipped (Q8Linear): fp32 out
+            return self.lm_head(hidden.float())
         return F.linear(hidden.float(), self.lm_head.weight.float())
 
     def weights_description(self) -> str:
@@ -199,15 +201,16 @@ class LlamaModel(nn.Module):
 
         n = sum(isinstance(m, Q4Linear) for m in self.modules())
         dense = str(self.embed_tokens.weight.dtype).removeprefix("torch.")
-        return f"4-bit as shipped ({n} linear layers), rest {dense}" if n else dense
+        head = "" if isinstance(self.lm_head, nn.Linear) else ", Q8_0 head as shipped"
+        return f"4-bit as shipped ({n} linear layers){head}, rest {dense}" if n else dense
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight as a dense tensor (4-bit layers dequantized), HF names without "model."."""
-        from ferrolm.models.quant_linear import Q4Linear
+        from ferrolm.models.quant_linear import Q4Linear, Q8Linear
 
         state = dict(self.state_dict())
         for name, mod in self.named_modules():
-            if isinstance(mod, Q4Linear):
+            if isinstance(mod, (Q4Linear, Q8Linear)):
                 state[f"{name}.weight"] = mod.dense_weight()
         return state
 
@@ -215,12 +218,13 @@ class LlamaModel(nn.Module):
         """Linear layers and the embedding to `dtype`; norms and the output head stay fp32
         (the head becomes an untied fp32 copy when it shares the bf16 embedding)."""
         keep = {n: p.detach().float() for n, p in self.named_parameters() if n.endswith("norm.weight")}
-        head = self.lm_head.weight.detach().float()
+        dense_head = isinstance(self.lm_head, nn.Linear)
+        head = self.lm_head.weight.detach().float() if dense_head else None
         self.to(dtype)
         for layer in self.layers:
             layer.compute_dtype = dtype
         for name, value in keep.items():
             self.get_parameter(name).data = value
-        if self.lm_head.weight.dtype != torch.float32:
+        if dense_head and self.lm_head.weight.dtype != torch.float32:
             self.lm_head.weight = nn.Parameter(head, requires_grad=False)
         return self

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
-from ferrolm.models.quant_linear import Q4Linear, Q4Weight, from_gguf
+from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, from_gguf, q8_from_gguf
 
 # GGUF types kept as shipped by weight_dtype "auto" (linear layers only).
 KEPT_QUANT = ("Q4_0", "Q4_1")
@@ -77,10 +77,10 @@ def build_model(
     with torch.device("meta"):
         model = LlamaModel(cfg)
     model = model.to_empty(device="cpu")
-    packed = {k: w for k, w in weights.items() if isinstance(w, Q4Weight)}
-    for name, w in packed.items():  # these linear layers keep their weights 4-bit
-        parent, child = name.removesuffix(".weight").rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, Q4Linear(w))
+    packed = {k: w for k, w in weights.items() if isinstance(w, (Q4Weight, Q8Weight))}
+    for name, w in packed.items():  # these linear layers keep their weights as shipped
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        setattr(model.get_submodule(parent), child, Q4Linear(w) if isinstance(w, Q4Weight) else Q8Linear(w))
         del weights[name]
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
@@ -89,7 +89,7 @@ def build_model(
         raise ValueError(
             f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "lm_head.weight" not in packed:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to_compute_dtype(dtype)
     model.inv_freq = rope_inv_freq(cfg)  # meta buffers hold no data; frequencies stay fp32
@@ -122,16 +122,22 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
 
     heads = m("attention.head_count")
     hidden = m("embedding_length")
-    tensors: dict[str, torch.Tensor | Q4Weight] = {}
+    tensors: dict[str, torch.Tensor | Q4Weight | Q8Weight] = {}
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape))
         kind = t.tensor_type.name
         if keep_quant and kind in KEPT_QUANT and t.name.startswith("blk.") and len(shape) == 2:
             tensors[t.name] = from_gguf(t.data, kind, shape)
             continue
+        head = t.name == "output.weight" or (t.name == "token_embd.weight" and not has_output)
+        if keep_quant and kind == "Q8_0" and head and len(shape) == 2:
+            tensors["output.weight"] = q8_from_gguf(t.data, shape)  # the head, as shipped
+            if t.name == "output.weight":
+                continue
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         tensors[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
-    vocab = m("vocab_size") or tensors["token_embd.weight"].shape[0]
+    vocab = m("vocab_size") or tensors["token_embd.weight"].shape[0]  # dense: read for lookups
     scaling = None
     if m("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": m("rope.scaling.factor")}
@@ -148,7 +154,7 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
         rope_theta=float(m("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         max_position_embeddings=int(m("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensors,
+        tie_word_embeddings=not has_output,
         eos_token_ids=[int(eos)] if eos is not None else [],
     )
     weights: dict[str, torch.Tensor] = {}

@@ -87,3 +87,51 @@ class Q4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=4-bit as shipped"
+
+
+class Q8Weight:
+    """GGUF Q8_0 as shipped: codes [N, K] int8, scales [N, K / 32] fp16; w = d q."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes, self.scales = codes, scales
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.shape
+        q = self.codes.view(N, K // BLOCK, BLOCK).float()
+        return (q * self.scales.float().unsqueeze(-1)).view(N, K)
+
+
+def q8_from_gguf(raw: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    N, K = shape
+    blocks = np.ascontiguousarray(raw).reshape(N, K // BLOCK, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    codes = blocks[..., 2:34].copy().view(np.int8).reshape(N, K)
+    return Q8Weight(torch.from_numpy(codes), torch.from_numpy(d.copy()))
+
+
+class Q8Linear(nn.Module):
+    """y = x W^T in fp32 (W kept as Q8_0): the output head of a GGUF that ships it so."""
+
+    def __init__(self, weight: Q8Weight) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.q8 = weight
+        self.compiled = build.load()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.compiled:
+            y = torch.ops.ferrolm_cpu.q8_linear(x2, self.q8.codes, self.q8.scales)
+        else:
+            y = x2.float() @ self.q8.dequantize().t()
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.q8.dequantize()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=Q8_0 as shipped"

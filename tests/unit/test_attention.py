@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ferrolm.attention import AttentionMetadata, paged_attention
-from ferrolm.attention.hadamard import hadamard
+from ferrolm.attention.hadamard import fwht, hadamard
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype, KvFormat
 from ferrolm.kv.pool import KvPool
 from ferrolm.kv.spec import KvSpec
@@ -31,7 +31,7 @@ def _as_cached(fmt: KvFormat, x: torch.Tensor) -> torch.Tensor:
     if not fmt.rotated:
         return fmt.dequantize(*fmt.quantize(x))
     h = hadamard(x.shape[-1])
-    return fmt.dequantize(*fmt.quantize(x @ h)) @ h
+    return fmt.dequantize(*fmt.quantize(fwht(x))) @ h  # stored as the layer rotates: fwht
 
 
 def _step(spec: KvSpec, seed: int = 0):

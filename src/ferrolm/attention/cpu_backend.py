@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ferrolm.attention.hadamard import fwht
 from ferrolm.attention.metadata import AttentionMetadata
 from ferrolm.attention.torch_backend import TorchBackend
 from ferrolm.kernels import build
@@ -61,6 +62,7 @@ def _mids(fmt: KvFormat) -> torch.Tensor:
 
 class CpuBackend:
     name = "cpu"
+    rotates = True  # Hadamard rotations of rotated formats run inside the kernels (layer.py)
 
     def __init__(self) -> None:
         self._luts: dict[KvFormat, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -84,12 +86,20 @@ class CpuBackend:
     def write(self, pool: KvPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         for half, x in ((pool.keys[layer], k), (pool.values[layer], v)):
             if half.fmt.per_channel_block:
+                x = fwht(x) if half.fmt.rotated else x
                 pool.write_staged(half, slots, x.transpose(0, 1))
                 continue
             x = x.float().contiguous()
             qmax = half.fmt.qmax or 0.0
             torch.ops.ferrolm_cpu.write(
-                x, slots, half.data, half.scale, format_code(half.fmt), qmax, self._tables(half.fmt)[1]
+                x,
+                slots,
+                half.data,
+                half.scale,
+                format_code(half.fmt),
+                qmax,
+                self._tables(half.fmt)[1],
+                int(half.fmt.rotated),
             )
 
     def _half_args(self, half: HalfCache):
@@ -98,9 +108,14 @@ class CpuBackend:
     def attend(
         self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        if pool.head_dim not in KERNEL_HEAD_DIMS:
-            return self._reference.attend(q, layer, pool, meta, scale)
         K, V = pool.keys[layer], pool.values[layer]
+        if pool.head_dim not in KERNEL_HEAD_DIMS:  # the reference, rotating as layer.py would
+            q = fwht(q) if K.fmt.rotated else q
+            out = self._reference.attend(q, layer, pool, meta, scale)
+            if V.fmt.rotated:
+                T, HD = out.shape
+                out = fwht(out.view(T, HD // pool.head_dim, pool.head_dim)).view(T, HD)
+            return out
         row_of = pool.row_of if (K.staging is not None or V.staging is not None) else None
         return torch.ops.ferrolm_cpu.attend(
             q.float().contiguous(),
@@ -114,4 +129,6 @@ class CpuBackend:
             scale,
             MAX_ROWS,
             torch.get_num_threads(),
+            int(K.fmt.rotated),
+            int(V.fmt.rotated),
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ferrolm.attention.backend import AttentionBackend
-from ferrolm.attention.hadamard import hadamard
+from ferrolm.attention.hadamard import fwht
 from ferrolm.attention.metadata import AttentionMetadata
 from ferrolm.kv.pool import KvPool
 
@@ -36,21 +36,22 @@ class PagedAttention:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D] in q's dtype."""
         lk = ctx.pool.spec.layers[self.layer]
         dtype = q.dtype
-        if lk.key.rotated or lk.value.rotated:
+        # Backends that rotate inside their kernels (`rotates`) get the vectors as they are.
+        rotate_here = not getattr(ctx.backend, "rotates", False)
+        if rotate_here and (lk.key.rotated or lk.value.rotated):
             # Rotations run in fp32 and stay there: quantize, the backend's scores and its
-            # output are fp32 anyway, so each rotation costs one small matmul and no casts.
-            h = hadamard(q.shape[-1], q.device)
+            # output are fp32 anyway.
             q = q.float()
             if lk.key.rotated:
-                q, k = q @ h, k.float() @ h
+                q, k = fwht(q), fwht(k)
             if lk.value.rotated:
-                v = v.float() @ h
+                v = fwht(v)
         ctx.backend.write(ctx.pool, self.layer, ctx.meta.slot_mapping, k, v)
         out = ctx.backend.attend(q, self.layer, ctx.pool, ctx.meta, self.scale)
-        if lk.value.rotated:  # sum_j p_j (v_j H) = (sum_j p_j v_j) H
+        if rotate_here and lk.value.rotated:  # sum_j p_j (v_j H) = (sum_j p_j v_j) H
             T, HD = out.shape
-            D = h.shape[0]
-            out = (out.view(T, HD // D, D) @ h).view(T, HD)
+            D = q.shape[-1]
+            out = fwht(out.view(T, HD // D, D)).view(T, HD)
         return out.to(dtype)
 
 

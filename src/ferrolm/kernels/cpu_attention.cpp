@@ -368,6 +368,20 @@ void convert_stage(const Half& h, int64_t head, int64_t block, int off, int n, i
   }
 }
 
+// x @ H (orthonormal Sylvester Hadamard) in place: the butterflies of hadamard.fwht in the
+// same order, then one multiply, so both backends produce identical values.
+inline void fwht(float* x, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float s = (float)(1.0 / std::sqrt((double)n));
+  for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
 struct Item {
   int32_t seq, head, q0, nq, split;
 };
@@ -512,6 +526,16 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
     }
 }
 
+// Values stored rotated: the output rows (per head) rotated back, in place.
+at::Tensor rotate_rows(at::Tensor out, int64_t D, int64_t rotate) {
+  if (!rotate) return out;
+  float* p = out.data_ptr<float>();
+  at::parallel_for(0, out.numel() / D, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) fwht(p + i * D, D);
+  });
+  return out;
+}
+
 Half make_half(const at::Tensor& data, const c10::optional<at::Tensor>& scale,
                const c10::optional<at::Tensor>& stage, const c10::optional<at::Tensor>& row_of, int64_t fmt,
                const at::Tensor& lut, int64_t bs) {
@@ -537,14 +561,24 @@ Half make_half(const at::Tensor& data, const c10::optional<at::Tensor>& scale,
   return h;
 }
 
-at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::optional<at::Tensor>& k_scale,
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::optional<at::Tensor>& k_scale,
                   const c10::optional<at::Tensor>& k_stage, int64_t k_fmt, const at::Tensor& k_lut,
                   const at::Tensor& v_data, const c10::optional<at::Tensor>& v_scale,
                   const c10::optional<at::Tensor>& v_stage, int64_t v_fmt, const at::Tensor& v_lut,
                   const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
                   const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
-                  int64_t max_rows, int64_t num_threads) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3, "q: contiguous fp32 [T, H, D]");
+                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.is_contiguous() && q_in.dim() == 3,
+              "q: contiguous fp32 [T, H, D]");
+  at::Tensor q = q_in;
+  if (rot_q) {  // keys are stored rotated: rotate the queries alike
+    q = q_in.clone();
+    float* p = q.data_ptr<float>();
+    const int64_t D = q.size(2);
+    at::parallel_for(0, q.size(0) * q.size(1), 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) fwht(p + i * D, D);
+    });
+  }
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && q_start.scalar_type() == at::kInt &&
                   ctx_len.scalar_type() == at::kInt,
               "block tables, query starts and context lengths are int32");
@@ -583,7 +617,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::opti
       for (int64_t i = lo; i < hi; ++i)
         run_item(items[i], 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
     });
-    return out;
+    return rotate_rows(out, D, rot_out);
   }
   const int64_t rows = G * qt;
   std::vector<float> pm(items.size() * nsplit * rows), pl(pm.size()), pacc(pm.size() * D);
@@ -619,13 +653,13 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::opti
         }
     }
   });
-  return out;
+  return rotate_rows(out, D, rot_out);
 }
 
 // Quantize-on-write, one pass per (token, kv head): absmax per group, fp16 scale, round or
 // cast, store; the same arithmetic as KvFormat.quantize, so the bytes are identical.
 void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& data, const c10::optional<at::Tensor>& scale,
-           int64_t fmt, double qmax_d, const at::Tensor& mids) {
+           int64_t fmt, double qmax_d, const at::Tensor& mids, int64_t rotate) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 3, "x: contiguous fp32 [T, H, D]");
   TORCH_CHECK(slots.scalar_type() == at::kLong, "slots are int64");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), S = data.size(1);
@@ -641,10 +675,15 @@ void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& da
   const float* mp = codebook ? mids.data_ptr<float>() : nullptr;
   const int64_t nmid = mids.numel();
   at::parallel_for(0, T * H, 64, [&](int64_t lo, int64_t hi) {
-    std::vector<float> qv(D);
+    std::vector<float> qv(D), rot(D);
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t t = i / H, h = i % H;
       const float* src = xp + (t * H + h) * D;
+      if (rotate) {  // the format stores vectors rotated
+        std::memcpy(rot.data(), src, D * sizeof(float));
+        fwht(rot.data(), D);
+        src = rot.data();
+      }
       const int64_t row = h * S + sp[t];
       uint8_t* dst = dp + row * dd * es;
       switch (fmt) {
@@ -913,10 +952,11 @@ TORCH_LIBRARY(ferrolm_cpu, m) {
   m.def(
       "attend(Tensor q, Tensor k_data, Tensor? k_scale, Tensor? k_stage, int k_fmt, Tensor k_lut, Tensor v_data, "
       "Tensor? v_scale, Tensor? v_stage, int v_fmt, Tensor v_lut, Tensor? row_of, Tensor block_tables, "
-      "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads) -> Tensor");
+      "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads, int rot_q, "
+      "int rot_out) -> Tensor");
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int tiled_max) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
-  m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids) -> ()");
+  m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids, int rotate) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {

@@ -216,7 +216,10 @@ def test_huge_prompt_is_tokenized_off_the_event_loop(tiny_model_dir):
             time.sleep(0.02)
         th.join()
         assert result["r"].status_code == 400 and "max_model_len" in result["r"].json()["error"]["message"]
-        assert worst < 0.25, worst
+        # Tokenizing this prompt takes ~2.8 s; on the event loop /health would stall that long.
+        # JSON parsing of the 3 MB body stays on the loop (0.1-0.26 s measured on a noisy
+        # 2-core machine), so the bound leaves room for it.
+        assert worst < 1.0, worst
 
 
 def test_request_timeout_aborts_and_frees(tiny_model_dir):

@@ -153,7 +153,8 @@ def test_without_a_compiler_auto_falls_back_to_torch_with_one_line(tmp_path):
 
 
 def test_avx2_build_matches_the_reference(tmp_path):
-    """Machines differ: the AVX2 code paths (built with -march=haswell) give the same numbers."""
+    """Machines differ: the AVX2 code paths (built with -march=haswell) give the same numbers,
+    attention and the 4-bit weights alike."""
     from ferrolm.runtime import cpu_flags
 
     if "avx2" not in cpu_flags():
@@ -164,6 +165,10 @@ def test_avx2_build_matches_the_reference(tmp_path):
         "for kv in ('fp16', 'bf16', 'int8', 'fp8', 'fp8_e5m2', 'int4', 'nf4', 'int4pc/int4'):\n"
         "    out, ref, *_ = t._both(KvSpec.parse(kv, 1), heads=6, kv_heads=2, head_dim=64, bs=16, seqs=t.MIXED)\n"
         "    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)\n"
+        "import test_quant_linear as tq; from ferrolm.models.quant_linear import Q4Linear, q4_from_gguf\n"
+        "for rows in (1, 9):\n"
+        "    w = q4_from_gguf(tq._gguf_blocks('Q4_1', 80, 192), 'Q4_1', (80, 192)); x = torch.randn(rows, 192)\n"
+        "    torch.testing.assert_close(Q4Linear(w)(x), x @ w.dequantize().t(), atol=1e-5, rtol=1e-5)\n"
         "from ferrolm.kernels import build; print(build.build_name())"
     )
     env = {**os.environ, "FERROLM_KERNEL_MARCH": "haswell", "FERROLM_HOME": str(tmp_path)}

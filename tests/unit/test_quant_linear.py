@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ferrolm.models.quant_linear import Q4Linear, from_gguf
+from ferrolm.models.quant_linear import Q4Linear, q4_from_gguf
 
 
 def _gguf_blocks(kind: str, N: int, K: int, seed: int = 0) -> np.ndarray:
@@ -26,7 +26,7 @@ def test_repacking_is_lossless_against_gguf_dequantize(kind):
 
     raw = _gguf_blocks(kind, 48, 128)
     ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, kind)).reshape(48, 128)
-    w = from_gguf(raw, kind, (48, 128))
+    w = q4_from_gguf(raw, kind, (48, 128))
     assert torch.equal(w.dequantize(), torch.from_numpy(np.asarray(ref, dtype=np.float32)))
 
 
@@ -34,7 +34,7 @@ def test_repacking_is_lossless_against_gguf_dequantize(kind):
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_q4_linear_matches_the_dense_layer(kind, rows, dtype):
-    w = from_gguf(_gguf_blocks(kind, 80, 192, seed=rows), kind, (80, 192))
+    w = q4_from_gguf(_gguf_blocks(kind, 80, 192, seed=rows), kind, (80, 192))
     layer = Q4Linear(w)
     x = torch.randn(rows, 192).to(dtype)
     ref = (x.float() @ w.dequantize().t()).to(dtype)

@@ -45,6 +45,15 @@ constexpr int TILE = 16;  // keys per tile: one 16-float vector of scores
 constexpr float MIN_SCALE = 1.0f / 16384.0f;
 constexpr float FP16_MAX = 65504.0f;
 
+// Same-size reinterpretation between vector-extension and intrinsic types.
+template <class To, class From>
+inline To bits(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
 inline v16 load16(const float* p) {
   v16 v;
   std::memcpy(&v, p, sizeof v);
@@ -150,33 +159,21 @@ inline v16 vexp(v16 x) {
 
 // 16 fp16 bit patterns -> fp32 with the hardware conversion (gcc's generic vector
 // conversion from _Float16 comes out as scalar code).
-inline v16 f16_bits_to_f32(i16x16 bits) {
+inline v16 f16_bits_to_f32(i16x16 h) {
 #if defined(__AVX512F__)
-  __m256i x;
-  std::memcpy(&x, &bits, sizeof x);
-  __m512 y = _mm512_cvtph_ps(x);
-  v16 out;
-  std::memcpy(&out, &y, sizeof out);
-  return out;
+  return bits<v16>(_mm512_cvtph_ps(bits<__m256i>(h)));
 #elif defined(__F16C__)
-  __m128i lo, hi;
-  std::memcpy(&lo, &bits, 16);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&bits) + 16, 16);
-  __m256 a = _mm256_cvtph_ps(lo), b = _mm256_cvtph_ps(hi);
-  v16 out;
-  std::memcpy(&out, &a, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &b, 32);
-  return out;
+  const __m256 a = _mm256_cvtph_ps(bits<__m128i>(__builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7)));
+  const __m256 b = _mm256_cvtph_ps(bits<__m128i>(__builtin_shufflevector(h, h, 8, 9, 10, 11, 12, 13, 14, 15)));
+  return __builtin_shufflevector(bits<v8>(a), bits<v8>(b), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
-  h16 h;
-  std::memcpy(&h, &bits, sizeof h);
-  return __builtin_convertvector(h, v16);
+  return __builtin_convertvector(bits<h16>(h), v16);
 #endif
 }
 inline v16 from_f16(const void* p) {
-  i16x16 bits;
-  std::memcpy(&bits, p, sizeof bits);
-  return f16_bits_to_f32(bits);
+  i16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return f16_bits_to_f32(h);
 }
 inline v16 from_bf16(const void* p) {
   u16x16 h;
@@ -185,30 +182,19 @@ inline v16 from_bf16(const void* p) {
 }
 inline v16 i32_to_v16(i32x16 x) {
 #if defined(__AVX512F__)
-  __m512i y;
-  std::memcpy(&y, &x, sizeof y);
-  __m512 f = _mm512_cvtepi32_ps(y);
-  v16 out;
-  std::memcpy(&out, &f, sizeof out);
-  return out;
+  return bits<v16>(_mm512_cvtepi32_ps(bits<__m512i>(x)));
 #else
   return __builtin_convertvector(x, v16);
 #endif
 }
 inline v16 from_i8(const void* p) {
 #if defined(__AVX512F__)
-  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
-  v16 out;
-  std::memcpy(&out, &f, sizeof out);
-  return out;
+  return bits<v16>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)))));
 #elif defined(__AVX2__)
   const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
-  __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-  __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
-  v16 out;
-  std::memcpy(&out, &a, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &c, 32);
-  return out;
+  const v8 a = bits<v8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+  const v8 c = bits<v8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
+  return __builtin_shufflevector(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
   i8x16 q;
   std::memcpy(&q, p, sizeof q);
@@ -243,10 +229,7 @@ inline i32x16 nibbles(const uint8_t* p) {
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // each byte twice
   const __m512i sh = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-  const __m512i x = _mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15));
-  i32x16 out;
-  std::memcpy(&out, &x, sizeof out);
-  return out;
+  return bits<i32x16>(_mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15)));
 #else
   u8x16 b;
   std::memcpy(&b, p, 8);
@@ -258,14 +241,7 @@ inline i32x16 nibbles(const uint8_t* p) {
 // A 16-entry table looked up at 16 indices (vpermps on AVX-512).
 inline v16 lookup16(v16 table, i32x16 idx) {
 #if defined(__AVX512F__)
-  __m512 t;
-  __m512i i;
-  std::memcpy(&t, &table, sizeof t);
-  std::memcpy(&i, &idx, sizeof i);
-  __m512 r = _mm512_permutexvar_ps(i, t);
-  v16 out;
-  std::memcpy(&out, &r, sizeof out);
-  return out;
+  return bits<v16>(_mm512_permutexvar_ps(bits<__m512i>(idx), bits<__m512>(table)));
 #else
   return __builtin_shuffle(table, idx);
 #endif
@@ -744,41 +720,58 @@ void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& da
   });
 }
 
-// --- 4-bit weights as shipped (GGUF Q4_0 / Q4_1) --------------------------------------
-// qweight [N, K/2] uint8 in GGUF's own layout: per block of 32, byte j holds element j
-// (low nibble) and element j + 16 (high nibble); scales and mins [N, K/32] fp16 (Q4_0: min = -8 d). w = q d + min,
-// exactly GGUF's dequantization, in fp32. Small batches (decode) run a fused GEMV that
-// reads the 4-bit rows once for up to 8 input rows; larger ones dequantize into a
-// scratch matrix of x's dtype and call the dense GEMM.
-inline void q4_block(const uint8_t* p, v16& w0, v16& w1) {
+// --- Weights as shipped: GGUF Q4_0 / Q4_1 and Q8_0 ---------------------------------------
+// Q4: codes [N, K/2] uint8 in GGUF's own layout (per block of 32, byte j holds element j in
+// the low nibble and element j + 16 in the high one), scales and mins [N, K/32] fp16
+// (Q4_0: min = -8 d); w = q d + min. Q8_0: codes [N, K] int8, scales [N, K/32]; w = q d.
+// Exactly GGUF's dequantization, in fp32. Up to 8 input rows share one pass over the
+// codes (a fused GEMV); larger Q4 batches dequantize into a reused matrix of x's dtype
+// and call the dense GEMM.
+struct Q4Rows {
+  const uint8_t* qw;
+  const c10::Half *sc, *mn;
+  int64_t K;
+  // Block b of row n -> its 32 weights.
+  void block(int64_t n, int64_t b, v16& w0, v16& w1) const {
+    const int64_t i = n * (K / 32) + b;
+    const float d = half_to_float(sc[i]), lo = half_to_float(mn[i]);
+    const uint8_t* p = qw + n * (K / 2) + b * 16;
 #if defined(__AVX512F__)
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-  std::memcpy(&w0, &lo, sizeof w0);
-  std::memcpy(&w1, &hi, sizeof w1);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w0 = bits<v16>(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))));
+    w1 = bits<v16>(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)));
 #else
-  u8x16 b;
-  std::memcpy(&b, p, sizeof b);
-  w0 = i32_to_v16(__builtin_convertvector((u8x16)(b & 15), i32x16));
-  w1 = i32_to_v16(__builtin_convertvector((u8x16)(b >> 4), i32x16));
+    u8x16 q;
+    std::memcpy(&q, p, sizeof q);
+    w0 = i32_to_v16(__builtin_convertvector((u8x16)(q & 15), i32x16));
+    w1 = i32_to_v16(__builtin_convertvector((u8x16)(q >> 4), i32x16));
 #endif
-}
+    w0 = w0 * d + lo;
+    w1 = w1 * d + lo;
+  }
+};
 
-template <int MB>
-void q4_rows(const float* x, int64_t K, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn, int64_t n0,
-             int64_t n1, float* out, int64_t N) {
-  const int64_t nb = K / 32;
+struct Q8Rows {
+  const int8_t* qw;
+  const c10::Half* sc;
+  int64_t K;
+  void block(int64_t n, int64_t b, v16& w0, v16& w1) const {
+    const float d = half_to_float(sc[n * (K / 32) + b]);
+    const int8_t* p = qw + n * K + b * 32;
+    w0 = from_i8(p) * d;
+    w1 = from_i8(p + 16) * d;
+  }
+};
+
+template <int MB, class W>
+void gemv_rows(const W& w, const float* x, int64_t n0, int64_t n1, float* out, int64_t N) {
+  const int64_t K = w.K;
   for (int64_t n = n0; n < n1; ++n) {
     v16 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = v16{};
-    const uint8_t* row = qw + n * (K / 2);
-    for (int64_t b = 0; b < nb; ++b) {
-      const float d = half_to_float(sc[n * nb + b]), lo = half_to_float(mn[n * nb + b]);
+    for (int64_t b = 0; b < K / 32; ++b) {
       v16 w0, w1;
-      q4_block(row + b * 16, w0, w1);
-      w0 = w0 * d + lo;
-      w1 = w1 * d + lo;
+      w.block(n, b, w0, w1);
       for (int m = 0; m < MB; ++m) {
         acc[m] += w0 * load16(x + m * K + b * 32);
         acc[m] += w1 * load16(x + m * K + b * 32 + 16);
@@ -788,162 +781,77 @@ void q4_rows(const float* x, int64_t K, const uint8_t* qw, const c10::Half* sc, 
   }
 }
 
-// Up to 8 x rows against one dequantized weight row held in L1.
-template <int MB>
-inline void dot_rows(const float* x, int64_t K, const float* w, float* out, int64_t N) {
-  v16 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = v16{};
-  for (int64_t k = 0; k < K; k += 16) {
-    const v16 wv = load16(w + k);
-    for (int m = 0; m < MB; ++m) acc[m] += wv * load16(x + m * K + k);
-  }
-  for (int m = 0; m < MB; ++m) out[m * N] = hsum(acc[m]);
-}
-
-// Medium batches: each weight row is dequantized once into an L1 buffer and used by every
-// x row (8 at a time); nothing of the size of the weight is written to memory.
-void q4_rows_tiled(const float* x, int64_t M, int64_t K, const uint8_t* qw, const c10::Half* sc, const c10::Half* mn,
-                   int64_t n0, int64_t n1, float* out, int64_t N) {
-  const int64_t nb = K / 32;
-  thread_local std::vector<float> wrow;
-  if ((int64_t)wrow.size() < K) wrow.resize(K);
-  float* w = wrow.data();
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = qw + n * (K / 2);
-    for (int64_t b = 0; b < nb; ++b) {
-      const float d = half_to_float(sc[n * nb + b]), lo = half_to_float(mn[n * nb + b]);
-      v16 w0, w1;
-      q4_block(row + b * 16, w0, w1);
-      store16(w + b * 32, w0 * d + lo);
-      store16(w + b * 32 + 16, w1 * d + lo);
-    }
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) dot_rows<8>(x + m * K, K, w, out + m * N + n, N);
-    for (; m < M; ++m) dot_rows<1>(x + m * K, K, w, out + m * N + n, N);
-  }
-}
-
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& mins, int64_t tiled_max) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: contiguous [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
-  TORCH_CHECK(K % 32 == 0 && qweight.size(1) == K / 2, "K must be a multiple of 32 matching the weight");
-  const uint8_t* qw = qweight.data_ptr<uint8_t>();
-  const c10::Half* sc = static_cast<const c10::Half*>(scales.data_ptr());
-  const c10::Half* mn = static_cast<const c10::Half*>(mins.data_ptr());
-  if (M > tiled_max) {  // dequantize into a reused matrix of x's dtype, then the dense GEMM
-    // Reused scratch (a fresh multi-MB allocation per call costs page faults every step).
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
-    static thread_local at::Tensor scratch;
-    if (!scratch.defined() || scratch.numel() < N * K * 2) scratch = at::empty({N * K * 2}, x.options().dtype(at::kShort));
-    at::Tensor w = bf16 ? scratch.narrow(0, 0, N * K).view(at::kBFloat16).view({N, K})
-                        : scratch.view(at::kFloat).narrow(0, 0, N * K).view({N, K});
-    uint8_t* wp = static_cast<uint8_t*>(w.data_ptr());
-    const int64_t nb = K / 32;
-    at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t n = lo; n < hi; ++n)
-        for (int64_t b = 0; b < nb; ++b) {
-          const float d = half_to_float(sc[n * nb + b]), m0 = half_to_float(mn[n * nb + b]);
-          v16 w0, w1;
-          q4_block(qw + n * (K / 2) + b * 16, w0, w1);
-          w0 = w0 * d + m0;
-          w1 = w1 * d + m0;
-          const int64_t at = n * K + b * 32;
-          if (!bf16) {
-            store16(reinterpret_cast<float*>(wp) + at, w0);
-            store16(reinterpret_cast<float*>(wp) + at + 16, w1);
-            continue;
-          }
-          // fp32 -> bf16, round to nearest even (as torch's conversion; weights are finite).
-#if defined(__AVX512BF16__)
-          __m512 a0, a1;
-          std::memcpy(&a0, &w0, sizeof a0);
-          std::memcpy(&a1, &w1, sizeof a1);
-          const __m512bh r = _mm512_cvtne2ps_pbh(a1, a0);
-          std::memcpy(wp + at * 2, &r, sizeof r);
-          continue;
-#endif
-          for (int h = 0; h < 2; ++h) {
-            const u32x16 u = (u32x16)(h ? w1 : w0);
-            const u16x16 r = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, u16x16);
-            std::memcpy(wp + (at + 16 * h) * 2, &r, sizeof r);
-          }
-        }
-    });
-    return at::mm(x, w.t());
-  }
-  at::Tensor xf = x.to(at::kFloat).contiguous();
+// fp32 x [M, K] -> fp32 [M, N], 8 rows per pass over the weight.
+template <class W>
+at::Tensor gemv(const at::Tensor& xf, const W& w, int64_t N) {
+  const int64_t M = xf.size(0), K = w.K;
   at::Tensor out = at::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
-    if (M > 8) return q4_rows_tiled(xp, M, K, qw, sc, mn, lo, hi, op, N);
-    switch (M) {
-      case 1: q4_rows<1>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      case 2: q4_rows<2>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      case 3: q4_rows<3>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      case 4: q4_rows<4>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      case 5: q4_rows<5>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      case 6: q4_rows<6>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      case 7: q4_rows<7>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-      default: q4_rows<8>(xp, K, qw, sc, mn, lo, hi, op, N); break;
-    }
-  });
-  return out.to(x.scalar_type());
-}
-
-// --- 8-bit weights as shipped (GGUF Q8_0: w = d q, 32 per block) --------------------------
-// codes [N, K] int8, scales [N, K/32] fp16. Used for the tied output head of the default
-// model: a quarter of the bytes an fp32 head reads per step, the same fp32 products.
-template <int MB>
-void q8_rows(const float* x, int64_t K, const int8_t* qw, const c10::Half* sc, int64_t n0, int64_t n1, float* out,
-             int64_t N) {
-  const int64_t nb = K / 32;
-  for (int64_t n = n0; n < n1; ++n) {
-    v16 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = v16{};
-    const int8_t* row = qw + n * K;
-    if (n + 1 < n1) __builtin_prefetch(row + K + 64 * 8);
-    for (int64_t b = 0; b < nb; ++b) {
-      const float d = half_to_float(sc[n * nb + b]);
-      const v16 w0 = from_i8(row + b * 32) * d, w1 = from_i8(row + b * 32 + 16) * d;
-      for (int m = 0; m < MB; ++m) {
-        acc[m] += w0 * load16(x + m * K + b * 32);
-        acc[m] += w1 * load16(x + m * K + b * 32 + 16);
-      }
-    }
-    for (int m = 0; m < MB; ++m) out[m * N + n] = hsum(acc[m]);
-  }
-}
-
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
-  const int64_t K = x.size(1), N = codes.size(0);
-  TORCH_CHECK(K % 32 == 0 && codes.size(1) == K, "K must be a multiple of 32 matching the weight");
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor out = at::empty({x.size(0), N}, xf.options());
-  const int8_t* qw = codes.data_ptr<int8_t>();
-  const c10::Half* sc = static_cast<const c10::Half*>(scales.data_ptr());
-  float* op = out.data_ptr<float>();
-  for (int64_t m0 = 0; m0 < x.size(0); m0 += 8) {  // 8 rows per pass over the weight
-    const int64_t mb = std::min<int64_t>(8, x.size(0) - m0);
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t mb = std::min<int64_t>(8, M - m0);
     const float* xp = xf.data_ptr<float>() + m0 * K;
-    float* o = op + m0 * N;
-    at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+    float* o = out.data_ptr<float>() + m0 * N;
+    at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
       switch (mb) {
-        case 1: q8_rows<1>(xp, K, qw, sc, lo, hi, o, N); break;
-        case 2: q8_rows<2>(xp, K, qw, sc, lo, hi, o, N); break;
-        case 3: q8_rows<3>(xp, K, qw, sc, lo, hi, o, N); break;
-        case 4: q8_rows<4>(xp, K, qw, sc, lo, hi, o, N); break;
-        case 5: q8_rows<5>(xp, K, qw, sc, lo, hi, o, N); break;
-        case 6: q8_rows<6>(xp, K, qw, sc, lo, hi, o, N); break;
-        case 7: q8_rows<7>(xp, K, qw, sc, lo, hi, o, N); break;
-        default: q8_rows<8>(xp, K, qw, sc, lo, hi, o, N); break;
+        case 1: gemv_rows<1>(w, xp, lo, hi, o, N); break;
+        case 2: gemv_rows<2>(w, xp, lo, hi, o, N); break;
+        case 3: gemv_rows<3>(w, xp, lo, hi, o, N); break;
+        case 4: gemv_rows<4>(w, xp, lo, hi, o, N); break;
+        case 5: gemv_rows<5>(w, xp, lo, hi, o, N); break;
+        case 6: gemv_rows<6>(w, xp, lo, hi, o, N); break;
+        case 7: gemv_rows<7>(w, xp, lo, hi, o, N); break;
+        default: gemv_rows<8>(w, xp, lo, hi, o, N); break;
       }
     });
   }
   return out;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& mins) {
+  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 32 == 0 && qweight.size(1) == K / 2, "K must be a multiple of 32 matching the weight");
+  const Q4Rows w{qweight.data_ptr<uint8_t>(), static_cast<const c10::Half*>(scales.data_ptr()),
+                 static_cast<const c10::Half*>(mins.data_ptr()), K};
+  if (M <= 8) return gemv(x.to(at::kFloat).contiguous(), w, N).to(x.scalar_type());
+  // Dequantize into reused scratch (a fresh multi-MB allocation per call costs page
+  // faults every step), in x's dtype, then the dense GEMM.
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  static thread_local at::Tensor scratch;
+  if (!scratch.defined() || scratch.numel() < N * K * 2) scratch = at::empty({N * K * 2}, x.options().dtype(at::kShort));
+  at::Tensor dense = bf16 ? scratch.narrow(0, 0, N * K).view(at::kBFloat16).view({N, K})
+                          : scratch.view(at::kFloat).narrow(0, 0, N * K).view({N, K});
+  uint8_t* dp = static_cast<uint8_t*>(dense.data_ptr());
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      for (int64_t b = 0; b < K / 32; ++b) {
+        v16 w0, w1;
+        w.block(n, b, w0, w1);
+        const int64_t at = n * K + b * 32;
+        if (!bf16) {
+          store16(reinterpret_cast<float*>(dp) + at, w0);
+          store16(reinterpret_cast<float*>(dp) + at + 16, w1);
+          continue;
+        }
+        // fp32 -> bf16, round to nearest even (as torch's conversion; weights are finite).
+        for (int h = 0; h < 2; ++h) {
+          const u32x16 u = (u32x16)(h ? w1 : w0);
+          const u16x16 r = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, u16x16);
+          std::memcpy(dp + (at + 16 * h) * 2, &r, sizeof r);
+        }
+      }
+  });
+  return at::mm(x.contiguous(), dense.t());
+}
+
+// The tied output head of the default model: a quarter of the bytes an fp32 head reads.
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
+  const int64_t K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K % 32 == 0 && codes.size(1) == K, "K must be a multiple of 32 matching the weight");
+  const Q8Rows w{codes.data_ptr<int8_t>(), static_cast<const c10::Half*>(scales.data_ptr()), K};
+  return gemv(x.to(at::kFloat).contiguous(), w, N);
 }
 
 }  // namespace
@@ -954,7 +862,7 @@ TORCH_LIBRARY(ferrolm_cpu, m) {
       "Tensor? v_scale, Tensor? v_stage, int v_fmt, Tensor v_lut, Tensor? row_of, Tensor block_tables, "
       "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads, int rot_q, "
       "int rot_out) -> Tensor");
-  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int tiled_max) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids, int rotate) -> ()");
 }

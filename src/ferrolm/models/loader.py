@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
-from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, from_gguf, q8_from_gguf
+from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, q4_from_gguf, q8_from_gguf
 
 # GGUF types kept as shipped by weight_dtype "auto" (linear layers only).
 KEPT_QUANT = ("Q4_0", "Q4_1")
@@ -128,7 +128,7 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
         shape = tuple(int(s) for s in reversed(t.shape))
         kind = t.tensor_type.name
         if keep_quant and kind in KEPT_QUANT and t.name.startswith("blk.") and len(shape) == 2:
-            tensors[t.name] = from_gguf(t.data, kind, shape)
+            tensors[t.name] = q4_from_gguf(t.data, kind, shape)
             continue
         head = t.name == "output.weight" or (t.name == "token_embd.weight" and not has_output)
         if keep_quant and kind == "Q8_0" and head and len(shape) == 2:

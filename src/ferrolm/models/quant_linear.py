@@ -4,7 +4,9 @@ A Q4_1 block of 32 weights is (d, m, 32 codes q in 0..15) with w = d q + m; Q4_0
 w = d (q - 8), i.e. m = -8 d. Both are held as codes packed two per byte, plus fp16 d
 and m per block (0.5625-0.625 bytes per weight instead of 4), and multiplied by the
 compiled kernel (kernels/cpu_attention.cpp: q4_linear), which dequantizes exactly as
-GGUF does and accumulates in fp32. Without the compiled kernels the layer dequantizes
+GGUF does and accumulates in fp32 (a fused GEMV for up to 8 rows; above, dequantize
+into a reused matrix and the dense GEMM, because the CPU's own bf16 matmuls win there).
+Without the compiled kernels the layer dequantizes
 on every call (correct, slow).
 """
 
@@ -17,9 +19,6 @@ from torch import nn
 from ferrolm.kernels import build
 
 BLOCK = 32
-# Up to this many rows the kernel dequantizes each weight row into L1 and reuses it for
-# every input row; above, it dequantizes the whole matrix and calls the dense GEMM.
-TILED_MAX = 16  # measured on AMX: 199 vs 220 us at 16 rows, 494 vs 244 at 32 (576x1536)
 
 
 class Q4Weight:
@@ -45,7 +44,7 @@ class Q4Weight:
         return w.view(N, K)
 
 
-def from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Q4Weight:
+def q4_from_gguf(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Q4Weight:
     """GGUF Q4_0/Q4_1 bytes of a [N, K] tensor -> Q4Weight (lossless repacking)."""
     N, K = shape
     nb = K // BLOCK
@@ -77,7 +76,7 @@ class Q4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).contiguous()
         if self.compiled:
-            y = torch.ops.ferrolm_cpu.q4_linear(x2, self.q4.codes, self.q4.scales, self.q4.mins, TILED_MAX)
+            y = torch.ops.ferrolm_cpu.q4_linear(x2, self.q4.codes, self.q4.scales, self.q4.mins)
         else:
             y = (x2.float() @ self.q4.dequantize().t()).to(x.dtype)
         return y.view(*shape[:-1], self.out_features)

@@ -399,6 +399,8 @@ def bench_cmd(
     )
     if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
         fail("repeats and output-len must be >= 1 and concurrency non-empty")
+    if min((*cfg.concurrency, *cfg.decode_concurrency, *cfg.context_lens), default=1) < 1:
+        fail("concurrency, decode-concurrency and context-lens take integers >= 1")
     try:
         report = run_bench(cfg, sample_text(), progress=lambda m: click.echo(m, err=True))
     except (ValueError, FileNotFoundError) as e:

@@ -70,3 +70,9 @@ def test_hf_baseline_runs_the_same_weights(tiny_model_dir, tiny_hf_model):
     ids = torch.tensor([[5, 9, 33, 2, 7, 100]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, tiny_hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_rejects_empty_grid_points():
+    for flag, value in (("--decode-concurrency", "0"), ("--context-lens", "128,0"), ("--concurrency", "0")):
+        res = CliRunner().invoke(app, ["bench", flag, value])
+        assert res.exit_code != 0 and ">= 1" in res.output, (flag, res.output)

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup model run test test-unit lint clean
+.PHONY: setup model run test test-unit lint clean peers
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: model
 # The fast unit tests only (tiny random model; no model download needed).
 test-unit: setup
 	$(BIN)/python -m pytest tests --durations=10
+
+# The peers of `ferrolm bench --baseline llama.cpp`: llama-cpp-python built for this CPU.
+peers: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e '.[llamacpp]'
 
 lint: setup
 	$(BIN)/ruff check .

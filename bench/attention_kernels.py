@@ -62,7 +62,9 @@ def main() -> None:
             t_cpu = time_attend(kv, B, L, CpuBackend(), args.repeats)
             if kv == "fp16":
                 fp16[(B, L)] = t_cpu
-            nbytes = B * L * KVH * sum(f.bytes_per_head(D, BS) for f in (spec.layers[0].key, spec.layers[0].value))
+            nbytes = (
+                B * L * KVH * sum(f.bytes_per_head(D, BS) for f in (spec.layers[0].key, spec.layers[0].value))
+            )
             x16 = f"{fp16[(B, L)] / t_cpu:.2f}" if (B, L) in fp16 else "-"
             print(
                 f"| {kv} | {B} | {L} | {t_ref * 1e6:.0f} | {t_cpu * 1e6:.0f} | {t_ref / t_cpu:.1f} | {x16} | "

@@ -300,6 +300,16 @@ def _ints(text: str) -> tuple[int, ...]:
         fail(f"expected comma-separated integers, got {text!r}")
 
 
+BASELINES = ("hf", "llama.cpp")
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip() and x.strip() != "none")
+    if bad := [n for n in names if n not in BASELINES]:
+        fail(f"unknown baseline {bad[0]!r}; valid: none, {', '.join(BASELINES)}")
+    return names
+
+
 @app.command("bench")
 @bench_option(
     "--model", default="smollm2-135m", show_default=True, help="Registry name, .gguf file or HF folder."
@@ -347,10 +357,22 @@ def _ints(text: str) -> tuple[int, ...]:
 )
 @bench_option(
     "--baseline",
-    type=click.Choice(["none", "hf"]),
     default="none",
     show_default=True,
-    help="Also run HF transformers generate on the same weights.",
+    help="Peers in the same run, comma separated: hf (transformers generate on the same weights), "
+    "llama.cpp (llama-cpp-python on the same GGUF, flash attention), or none.",
+)
+@bench_option(
+    "--llamacpp-cache-types",
+    default="f16,q8_0",
+    show_default=True,
+    help="llama.cpp KV cache types to run with --baseline llama.cpp.",
+)
+@bench_option(
+    "--prefill-lens",
+    default="",
+    show_default=True,
+    help="Prompt lengths whose prefill tokens/s to measure (one prompt each; '' to skip).",
 )
 @bench_option(
     "--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results as JSON."
@@ -371,6 +393,8 @@ def bench_cmd(
     repeats,
     kv_cache_memory_gb,
     baseline,
+    llamacpp_cache_types,
+    prefill_lens,
     json_path,
     plot_path,
 ) -> None:
@@ -395,12 +419,21 @@ def bench_cmd(
         decode_concurrency=_ints(decode_concurrency),
         repeats=repeats,
         kv_cache_memory_gb=kv_cache_memory_gb,
-        baseline=None if baseline == "none" else baseline,
+        baselines=_baselines(baseline),
+        llamacpp_cache_types=tuple(x.strip() for x in llamacpp_cache_types.split(",") if x.strip()),
+        prefill_lens=_ints(prefill_lens),
     )
     if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
         fail("repeats and output-len must be >= 1 and concurrency non-empty")
-    if min((*cfg.concurrency, *cfg.decode_concurrency, *cfg.context_lens), default=1) < 1:
-        fail("concurrency, decode-concurrency and context-lens take integers >= 1")
+    if min((*cfg.concurrency, *cfg.decode_concurrency, *cfg.context_lens, *cfg.prefill_lens), default=1) < 1:
+        fail("concurrency, decode-concurrency, context-lens and prefill-lens take integers >= 1")
+    if "llama.cpp" in cfg.baselines:
+        from ferrolm.eval.llamacpp import CACHE_TYPES, available
+
+        if why := available():
+            fail(why)
+        if bad := [t for t in cfg.llamacpp_cache_types if t not in CACHE_TYPES]:
+            fail(f"unknown llama.cpp cache type {bad[0]!r}; valid: {', '.join(CACHE_TYPES)}")
     try:
         report = run_bench(cfg, sample_text(), progress=lambda m: click.echo(m, err=True))
     except (ValueError, FileNotFoundError) as e:

@@ -61,3 +61,18 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def cpu_description() -> str:
+    """The CPU model, its core count and the flags that decide speed here (for reports)."""
+    import os
+
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8")
+    flags = " ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/amx"
+    return f"{name}, {os.cpu_count()} cores, {flags}, torch {torch.backends.cpu.get_cpu_capability()}"

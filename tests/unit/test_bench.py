@@ -76,3 +76,19 @@ def test_bench_rejects_empty_grid_points():
     for flag, value in (("--decode-concurrency", "0"), ("--context-lens", "128,0"), ("--concurrency", "0")):
         res = CliRunner().invoke(app, ["bench", flag, value])
         assert res.exit_code != 0 and ">= 1" in res.output, (flag, res.output)
+
+
+def test_bench_rejects_unknown_baselines_and_a_missing_llamacpp(monkeypatch):
+    res = CliRunner().invoke(app, ["bench", "--baseline", "vllm"])
+    assert res.exit_code != 0 and "valid: none, hf, llama.cpp" in res.output, res.output
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # import fails as if absent
+    res = CliRunner().invoke(app, ["bench", "--baseline", "hf,llama.cpp"])
+    assert res.exit_code != 0 and "pip install 'ferrolm[llamacpp]'" in res.output, res.output
+
+
+def test_bench_rejects_unknown_llamacpp_cache_types(monkeypatch):
+    import ferrolm.eval.llamacpp as lc
+
+    monkeypatch.setattr(lc, "available", lambda: None)
+    res = CliRunner().invoke(app, ["bench", "--baseline", "llama.cpp", "--llamacpp-cache-types", "f16,q3"])
+    assert res.exit_code != 0 and "'q3'" in res.output and "q8_0" in res.output, res.output

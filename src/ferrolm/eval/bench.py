@@ -21,6 +21,7 @@ from ferrolm.config import EngineConfig
 from ferrolm.engine.engine import LLMEngine
 from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.kv.spec import spec_flags
+from ferrolm.runtime import cpu_description
 
 
 @dataclass
@@ -37,7 +38,9 @@ class BenchConfig:
     decode_steps: int = 16
     repeats: int = 3
     kv_cache_memory_gb: float = 1.0
-    baseline: str | None = None  # "hf"
+    baselines: tuple[str, ...] = ()  # "hf", "llama.cpp"
+    llamacpp_cache_types: tuple[str, ...] = ("f16", "q8_0")
+    prefill_lens: tuple[int, ...] = ()  # prefill tokens/s of one prompt of each length
 
 
 def prompts_from_text(tokenizer, text: str, n: int, length: int) -> list[list[int]]:
@@ -162,100 +165,183 @@ def _summarise(runs: list[dict]) -> dict:
     return {k: _median([r[k] for r in runs]) for k in runs[0]}
 
 
-def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | None = None) -> dict:
-    say = progress or (lambda _: None)
-    results, grid = [], []
-    hf = None
-    max_c = max(cfg.concurrency)
-    for kv in cfg.kv_dtypes:
-        engine = LLMEngine(
-            EngineConfig().with_flags(
-                dict(
-                    model=cfg.model,
-                    dtype=cfg.compute_dtype,
-                    weight_dtype=cfg.weight_dtype,
-                    **spec_flags(kv),
-                    kv_cache_memory_gb=cfg.kv_cache_memory_gb,
-                    max_num_seqs=max(max_c, *cfg.decode_concurrency, 1),
-                    enable_prefix_caching=False,
-                )
+def _ferrolm_engine(cfg: BenchConfig, kv: str) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig().with_flags(
+            dict(
+                model=cfg.model,
+                dtype=cfg.compute_dtype,
+                weight_dtype=cfg.weight_dtype,
+                **spec_flags(kv),
+                kv_cache_memory_gb=cfg.kv_cache_memory_gb,
+                max_num_seqs=max(*cfg.concurrency, *cfg.decode_concurrency, 1),
+                enable_prefix_caching=False,
             )
         )
-        prompts = prompts_from_text(engine.tokenizer, text, max_c, cfg.prompt_len)
-        for c in cfg.concurrency:
-            say(f"ferrolm kv={kv} concurrency={c}")
-            run_engine_once(engine, prompts[:c], min(cfg.output_len, 4))  # warm-up
-            runs = [run_engine_once(engine, prompts[:c], cfg.output_len) for _ in range(cfg.repeats)]
-            results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **_summarise(runs)})
-        if cfg.context_lens and cfg.decode_concurrency:
-            say(f"ferrolm kv={kv} decode grid")
-            for row in decode_grid(engine, text, cfg.decode_concurrency, cfg.context_lens, cfg.decode_steps):
-                grid.append({"kv_dtype": kv, **row})
-        if cfg.baseline == "hf" and hf is None:
-            hf = (hf_model_like(engine), prompts)
-        del engine
+    )
+
+
+def _repeat(cfg: BenchConfig, once: Callable[[int], dict]) -> dict:
+    """A short warm-up, then the medians of `repeats` full runs; once(output_len) runs one."""
+    once(min(cfg.output_len, 4))
+    return _summarise([once(cfg.output_len) for _ in range(cfg.repeats)])
+
+
+def _prefill_row(cfg: BenchConfig, engine: str, kv: str, n: int, once: Callable[[], float]) -> dict:
+    once()  # warm-up
+    s = _median([once() for _ in range(cfg.repeats)])
+    return {"engine": engine, "kv_dtype": kv, "prompt_len": n, "prefill_s": s, "tokens_per_s": n / s}
+
+
+def _run_llamacpp(cfg, text, tokenizer, prompts, say, results, grid, prefill) -> None:
+    from ferrolm.eval.llamacpp import LlamaCpp
+    from ferrolm.models.registry import resolve_model
+
+    gguf = resolve_model(cfg.model)
+    if gguf.suffix != ".gguf":
+        raise ValueError(f"the llama.cpp baseline needs a .gguf model, not {gguf}")
+    n_seq = max(*cfg.concurrency, *cfg.decode_concurrency, 1)
+    longest = max((*cfg.context_lens, *cfg.prefill_lens, 0))
+    seq_ctx = max(cfg.prompt_len + cfg.output_len, longest + cfg.decode_steps) + 16
+    for cache in cfg.llamacpp_cache_types:
+        llm = LlamaCpp(str(gguf), cache, n_seq, seq_ctx, torch.get_num_threads())
+        try:
+            for c in cfg.concurrency:
+                say(f"llama.cpp cache={cache} concurrency={c}")
+                row = _repeat(cfg, lambda n, c=c, llm=llm: llm.generate(prompts[:c], n))
+                results.append({"engine": "llama.cpp", "kv_dtype": cache, "concurrency": c, **row})
+            if cfg.context_lens and cfg.decode_concurrency:
+                say(f"llama.cpp cache={cache} decode grid")
+                for c in cfg.decode_concurrency:
+                    for n in cfg.context_lens:
+                        step = llm.decode_step_time(
+                            prompts_from_text(tokenizer, text, c, n), cfg.decode_steps
+                        )
+                        grid.append(
+                            {
+                                "engine": "llama.cpp",
+                                "kv_dtype": cache,
+                                "concurrency": c,
+                                "context": n,
+                                "step_s": step,
+                                "tokens_per_s": c / step,
+                            }
+                        )
+            for n in cfg.prefill_lens:
+                prompt = prompts_from_text(tokenizer, text, 1, n)[0]
+                once = lambda p=prompt, llm=llm: llm.prefill_time(p)  # noqa: E731
+                prefill.append(_prefill_row(cfg, "llama.cpp", cache, n, once))
+        finally:
+            llm.close()
+
+
+def _run_ferrolm(cfg: BenchConfig, kv: str, text: str, say, results, grid, prefill, want_hf: bool):
+    """Every measurement of one KV spec; returns the tokenizer and, when asked, the HF twin."""
+    engine = _ferrolm_engine(cfg, kv)
+    prompts = prompts_from_text(engine.tokenizer, text, max(cfg.concurrency), cfg.prompt_len)
+    for c in cfg.concurrency:
+        say(f"ferrolm kv={kv} concurrency={c}")
+        row = _repeat(cfg, lambda n, c=c: run_engine_once(engine, prompts[:c], n))
+        results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **row})
+    if cfg.context_lens and cfg.decode_concurrency:
+        say(f"ferrolm kv={kv} decode grid")
+        for row in decode_grid(engine, text, cfg.decode_concurrency, cfg.context_lens, cfg.decode_steps):
+            grid.append({"engine": "ferrolm", "kv_dtype": kv, **row})
+    for n in cfg.prefill_lens:
+        say(f"ferrolm kv={kv} prefill {n}")
+        prompt = prompts_from_text(engine.tokenizer, text, 1, n)
+        once = lambda p=prompt: run_engine_once(engine, p, 1)["ttft_s"]  # noqa: E731
+        prefill.append(_prefill_row(cfg, "ferrolm", kv, n, once))
+    return engine.tokenizer, (hf_model_like(engine), prompts) if want_hf else None
+
+
+def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | None = None) -> dict:
+    say = progress or (lambda _: None)
+    results, grid, prefill = [], [], []
+    hf = tokenizer = None
+    for kv in cfg.kv_dtypes:
+        want_hf = "hf" in cfg.baselines and hf is None
+        tokenizer, twin = _run_ferrolm(cfg, kv, text, say, results, grid, prefill, want_hf)
+        hf = hf or twin
     if hf is not None:
         model, prompts = hf
         for c in cfg.concurrency:
             say(f"hf transformers concurrency={c}")
-            run_hf_once(model, prompts[:c], min(cfg.output_len, 4))
-            runs = [run_hf_once(model, prompts[:c], cfg.output_len) for _ in range(cfg.repeats)]
-            results.append(
-                {"engine": "hf", "kv_dtype": "hf-dynamic-cache", "concurrency": c, **_summarise(runs)}
-            )
+            row = _repeat(cfg, lambda n, c=c: run_hf_once(model, prompts[:c], n))
+            results.append({"engine": "hf", "kv_dtype": "hf-dynamic-cache", "concurrency": c, **row})
+        del model, hf
+    if "llama.cpp" in cfg.baselines:
+        prompts = prompts_from_text(tokenizer, text, max(cfg.concurrency), cfg.prompt_len)
+        _run_llamacpp(cfg, text, tokenizer, prompts, say, results, grid, prefill)
     _add_ratios(results)
-    for row in grid:
-        fp16 = next(
-            (
-                g
-                for g in grid
-                if g["kv_dtype"] == "fp16"
-                and (g["concurrency"], g["context"]) == (row["concurrency"], row["context"])
-            ),
-            None,
-        )
-        row["x_fp16"] = row["tokens_per_s"] / fp16["tokens_per_s"] if fp16 else None
+    for rows, key in ((grid, ("concurrency", "context")), (prefill, ("prompt_len",))):
+        base = {
+            tuple(r[k] for k in key): r for r in rows if (r["engine"], r["kv_dtype"]) == ("ferrolm", "fp16")
+        }
+        for r in rows:
+            b = base.get(tuple(r[k] for k in key))
+            r["x_fp16"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
     return {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
         "threads": torch.get_num_threads(),
+        "cpu": cpu_description(),
         "results": results,
         "decode_grid": grid,
+        "prefill": prefill,
     }
 
 
 def _add_ratios(results: list[dict]) -> None:
-    """tokens/s against fp16 (same concurrency) and against HF (same concurrency), where present."""
+    """ferrolm's tokens/s against its fp16 cache, HF and llama.cpp's f16 cache (same concurrency)."""
     by = {(r["engine"], r["kv_dtype"], r["concurrency"]): r for r in results}
     for r in results:
-        fp16 = by.get(("ferrolm", "fp16", r["concurrency"]))
-        hf = next((x for (e, _, c), x in by.items() if e == "hf" and c == r["concurrency"]), None)
-        r["x_fp16"] = r["tokens_per_s"] / fp16["tokens_per_s"] if fp16 and r["engine"] == "ferrolm" else None
-        r["x_hf"] = r["tokens_per_s"] / hf["tokens_per_s"] if hf and r["engine"] == "ferrolm" else None
+        c, ours = r["concurrency"], r["engine"] == "ferrolm"
+        for key, base in (
+            ("x_fp16", by.get(("ferrolm", "fp16", c))),
+            ("x_hf", next((x for (e, _, k), x in by.items() if e == "hf" and k == c), None)),
+            ("x_llamacpp", by.get(("llama.cpp", "f16", c))),
+        ):
+            r[key] = r["tokens_per_s"] / base["tokens_per_s"] if base and ours else None
+
+
+def _x(v) -> str:
+    return f"{v:.2f}" if v is not None else "-"
 
 
 def format_table(report: dict) -> str:
     lines = [
-        "| engine | KV dtype | concurrency | TTFT ms | TPOT ms | out tok/s | x fp16 | x HF |",
-        "|---|---|---|---|---|---|---|---|",
+        f"CPU: {report.get('cpu', '?')}; threads {report['threads']}",
+        "",
+        "| engine | KV dtype | concurrency | TTFT ms | TPOT ms | out tok/s | x fp16 | x HF | x llama.cpp f16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        f16 = f"{r['x_fp16']:.2f}" if r.get("x_fp16") is not None else "-"
-        xhf = f"{r['x_hf']:.2f}" if r.get("x_hf") is not None else "-"
         lines.append(
             f"| {r['engine']} | {r['kv_dtype']} | {r['concurrency']} | {r['ttft_s'] * 1e3:.0f} | "
-            f"{r['tpot_s'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {f16} | {xhf} |"
+            f"{r['tpot_s'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {_x(r.get('x_fp16'))} | "
+            f"{_x(r.get('x_hf'))} | {_x(r.get('x_llamacpp'))} |"
         )
     if report["decode_grid"]:
         lines += [
             "",
-            "| KV dtype | sequences | context | decode ms/step | decode tok/s | x fp16 |",
-            "|---|---|---|---|---|---|",
+            "| engine | KV dtype | sequences | context | decode ms/step | decode tok/s | x ferrolm fp16 |",
+            "|---|---|---|---|---|---|---|",
         ]
         for g in report["decode_grid"]:
-            f16 = f"{g['x_fp16']:.2f}" if g.get("x_fp16") is not None else "-"
             lines.append(
-                f"| {g['kv_dtype']} | {g['concurrency']} | {g['context']} | {g['step_s'] * 1e3:.1f} | "
-                f"{g['tokens_per_s']:.1f} | {f16} |"
+                f"| {g.get('engine', 'ferrolm')} | {g['kv_dtype']} | {g['concurrency']} | {g['context']} | "
+                f"{g['step_s'] * 1e3:.1f} | {g['tokens_per_s']:.1f} | {_x(g.get('x_fp16'))} |"
+            )
+    if report.get("prefill"):
+        lines += [
+            "",
+            "| engine | KV dtype | prompt tokens | prefill ms | prefill tok/s | x ferrolm fp16 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in report["prefill"]:
+            lines.append(
+                f"| {p['engine']} | {p['kv_dtype']} | {p['prompt_len']} | {p['prefill_s'] * 1e3:.0f} | "
+                f"{p['tokens_per_s']:.0f} | {_x(p.get('x_fp16'))} |"
             )
     return "\n".join(lines)
 
@@ -269,7 +355,9 @@ def plot(report: dict, path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in report["results"]:
-        name = r["kv_dtype"] if r["engine"] == "ferrolm" else "HF transformers"
+        name = {"ferrolm": r["kv_dtype"], "hf": "HF transformers"}.get(
+            r["engine"], f"{r['engine']} {r['kv_dtype']}"
+        )
         series.setdefault(name, []).append((r["concurrency"], r["tokens_per_s"]))
     for name, pts in series.items():
         pts.sort()
@@ -282,7 +370,10 @@ def plot(report: dict, path: str) -> None:
     curves: dict[str, list[tuple[int, float]]] = {}
     for g in report["decode_grid"]:
         if g["concurrency"] == top:
-            curves.setdefault(g["kv_dtype"], []).append((g["context"], g["tokens_per_s"]))
+            name = (
+                g["kv_dtype"] if g.get("engine", "ferrolm") == "ferrolm" else f"{g['engine']} {g['kv_dtype']}"
+            )
+            curves.setdefault(name, []).append((g["context"], g["tokens_per_s"]))
     for kv, pts in curves.items():
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kv)
     ax2.set_xlabel("context length (tokens)")

@@ -1,6 +1,6 @@
 """Build and load ferrolm's compiled CPU kernels, once per machine.
 
-The C++ source (cpu_attention.cpp) is compiled with torch.utils.cpp_extension on first
+The C++ sources (cpu_attention.cpp, quant_linear.cpp, layer_ops.cpp; simd.h) are compiled with torch.utils.cpp_extension on first
 use, with -O3 -march=native so that its vector code becomes AVX-512 or AVX2 for the
 CPU it runs on, and cached under FERROLM_HOME/kernels/<name>, where the name hashes the
 source, the torch version and the CPU's flags (a home shared by different machines gets
@@ -25,7 +25,9 @@ from ferrolm.paths import ferrolm_home
 from ferrolm.runtime import cpu_flags
 
 log = logging.getLogger("ferrolm")
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_attention.cpp", HERE / "quant_linear.cpp", HERE / "layer_ops.cpp"]
+HEADERS = [HERE / "simd.h"]
 
 
 # -fopenmp: at::parallel_for is inline and runs serially without it; the extension then
@@ -42,7 +44,8 @@ _state: dict[str, object] = {}
 
 def build_name() -> str:
     h = hashlib.sha256()
-    h.update(SOURCE.read_bytes())
+    for f in SOURCES + HEADERS:
+        h.update(f.read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(cflags() + sorted(cpu_flags()) + [platform.machine()]).encode())
     return f"ferrolm_cpu_{h.hexdigest()[:12]}"
@@ -100,7 +103,7 @@ def _build() -> None:
     t0 = time.perf_counter()
     cpp_load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(f) for f in SOURCES],
         extra_cflags=cflags(),
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),

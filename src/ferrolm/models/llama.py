@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferrolm.attention import PagedAttention, StepContext
+from ferrolm.models.layer_ops import add_rms_norm, rope_
 
 
 @dataclass
@@ -89,25 +90,18 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, 1, D]. Rotate-half convention (HF layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """x in any dtype -> the normalised x in out_dtype (computed in fp32)."""
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(out_dtype)
+    def forward(
+        self, x: torch.Tensor, out_dtype: torch.dtype, delta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: the fp32 residual stream [T, H], first increased by `delta` in place when given;
+        returns the normalised x in out_dtype (computed in fp32)."""
+        return add_rms_norm(x, delta, self.weight, self.eps, out_dtype)
 
 
 class Attention(nn.Module):
@@ -124,8 +118,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(T, self.h, self.d), cos, sin)
-        k = apply_rope(self.k_proj(x).view(T, self.kvh, self.d), cos, sin)
+        q = rope_(self.q_proj(x).view(T, self.h, self.d), cos, sin)
+        k = rope_(self.k_proj(x).view(T, self.kvh, self.d), cos, sin)
         v = self.v_proj(x).view(T, self.kvh, self.d)
         return self.o_proj(self.attn(q, k, v, ctx))
 
@@ -150,11 +144,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.compute_dtype = torch.float32  # of the sublayers' inputs (set by to_compute_dtype)
 
-    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
-        """x: the fp32 residual stream; the sublayers compute in the compute dtype."""
+    def forward(self, x, delta, cos, sin, ctx: StepContext) -> torch.Tensor:
+        """x: the fp32 residual stream, updated in place: first by `delta` (the previous
+        layer's MLP output, or None), then by this layer's attention; returns this layer's
+        MLP output, which the next norm adds. The sublayers compute in the compute dtype."""
         dt = self.compute_dtype
-        x = x + self.self_attn(self.input_layernorm(x, dt), cos, sin, ctx).float()
-        return x + self.mlp(self.post_attention_layernorm(x, dt)).float()
+        attn = self.self_attn(self.input_layernorm(x, dt, delta), cos, sin, ctx)
+        return self.mlp(self.post_attention_layernorm(x, dt, attn))
 
 
 class LlamaModel(nn.Module):
@@ -181,12 +177,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (after the norm)."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [T, 1, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = emb.cos(), emb.sin()
-        x = self.embed_tokens(input_ids).float()
+        x = self.embed_tokens(input_ids).float()  # a fresh tensor: the layers update it in place
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.norm(x, torch.float32)
+            delta = layer(x, delta, cos, sin, ctx)
+        return self.norm(x, torch.float32, delta)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,296 @@
+// GGUF weights as shipped: Q4_0 / Q4_1 and Q8_0 linear layers (see models/quant_linear.py).
+#include "simd.h"
+
+namespace {
+
+
+// --- Weights as shipped: GGUF Q4_0 / Q4_1 and Q8_0 ---------------------------------------
+// Q4: codes [N, K/2] uint8 in GGUF's own layout (per block of 32, byte j holds element j in
+// the low nibble and element j + 16 in the high one), scales and mins [N, K/32] fp16
+// (Q4_0: min = -8 d); w = q d + min. Q8_0: codes [N, K] int8, scales [N, K/32]; w = q d.
+// Exactly GGUF's dequantization, in fp32. Up to 8 input rows share one pass over the
+// codes (a fused GEMV); larger Q4 batches dequantize into a reused matrix of x's dtype
+// and call the dense GEMM.
+struct Q4Rows {
+  const uint8_t* qw;
+  const c10::Half *sc, *mn;
+  int64_t K;
+  // Block b of row n -> its 32 weights.
+  void block(int64_t n, int64_t b, v16& w0, v16& w1) const {
+    const int64_t i = n * (K / 32) + b;
+    const float d = half_to_float(sc[i]), lo = half_to_float(mn[i]);
+    const uint8_t* p = qw + n * (K / 2) + b * 16;
+#if defined(__AVX512F__)
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    w0 = bits<v16>(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))));
+    w1 = bits<v16>(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)));
+#else
+    u8x16 q;
+    std::memcpy(&q, p, sizeof q);
+    w0 = i32_to_v16(__builtin_convertvector((u8x16)(q & 15), i32x16));
+    w1 = i32_to_v16(__builtin_convertvector((u8x16)(q >> 4), i32x16));
+#endif
+    w0 = w0 * d + lo;
+    w1 = w1 * d + lo;
+  }
+  void prefetch(int64_t n) const {
+    const char* p = reinterpret_cast<const char*>(qw + n * (K / 2));
+    for (int64_t off = 0; off < K / 2; off += 64) __builtin_prefetch(p + off);
+    __builtin_prefetch(sc + n * (K / 32));
+    __builtin_prefetch(mn + n * (K / 32));
+  }
+};
+
+struct Q8Rows {
+  const int8_t* qw;
+  const c10::Half* sc;
+  int64_t K;
+  void block(int64_t n, int64_t b, v16& w0, v16& w1) const {
+    const float d = half_to_float(sc[n * (K / 32) + b]);
+    const int8_t* p = qw + n * K + b * 32;
+    w0 = from_i8(p) * d;
+    w1 = from_i8(p + 16) * d;
+  }
+  void prefetch(int64_t n) const {
+    const char* p = reinterpret_cast<const char*>(qw + n * K);
+    for (int64_t off = 0; off < K; off += 64) __builtin_prefetch(p + off);
+    __builtin_prefetch(sc + n * (K / 32));
+  }
+};
+
+// Rows stream from memory once per step (the weights are far larger than the caches), in
+// short scattered-looking runs per thread: the hardware prefetcher alone left the Q4 GEMV
+// at ~4 GB/s, so each row asks for the row PREFETCH_ROWS ahead. Two accumulators per input
+// row halve the FMA dependency chains.
+constexpr int PREFETCH_ROWS = 4;
+
+template <int MB, class W>
+void gemv_rows(const W& w, const float* x, int64_t n0, int64_t n1, float* out, int64_t N) {
+  const int64_t K = w.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + PREFETCH_ROWS < n1) w.prefetch(n + PREFETCH_ROWS);
+    v16 acc[MB], acc2[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = acc2[m] = v16{};
+    for (int64_t b = 0; b < K / 32; ++b) {
+      v16 w0, w1;
+      w.block(n, b, w0, w1);
+      for (int m = 0; m < MB; ++m) {
+        acc[m] += w0 * load16(x + m * K + b * 32);
+        acc2[m] += w1 * load16(x + m * K + b * 32 + 16);
+      }
+    }
+    for (int m = 0; m < MB; ++m) out[m * N + n] = hsum(acc[m] + acc2[m]);
+  }
+}
+
+// fp32 x [M, K] -> fp32 [M, N], 8 rows per pass over the weight.
+template <class W>
+at::Tensor gemv(const at::Tensor& xf, const W& w, int64_t N) {
+  const int64_t M = xf.size(0), K = w.K;
+  at::Tensor out = at::empty({M, N}, xf.options());
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t mb = std::min<int64_t>(8, M - m0);
+    const float* xp = xf.data_ptr<float>() + m0 * K;
+    float* o = out.data_ptr<float>() + m0 * N;
+    at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+      switch (mb) {
+        case 1: gemv_rows<1>(w, xp, lo, hi, o, N); break;
+        case 2: gemv_rows<2>(w, xp, lo, hi, o, N); break;
+        case 3: gemv_rows<3>(w, xp, lo, hi, o, N); break;
+        case 4: gemv_rows<4>(w, xp, lo, hi, o, N); break;
+        case 5: gemv_rows<5>(w, xp, lo, hi, o, N); break;
+        case 6: gemv_rows<6>(w, xp, lo, hi, o, N); break;
+        case 7: gemv_rows<7>(w, xp, lo, hi, o, N); break;
+        default: gemv_rows<8>(w, xp, lo, hi, o, N); break;
+      }
+    });
+  }
+  return out;
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Q4 x bf16 activations with AVX512-BF16 dot products, for bf16 compute (x is bf16 already,
+// so nothing is rounded that the fp32 path keeps). A quad of blocks (128 weights, 64 code
+// bytes) is one step, with no shuffles on the codes: read as 32 words, word t of a block
+// holds elements 2t, 2t+16, 2t+1, 2t+17 in its four nibbles, so four shift-and-mask ops give
+// four vectors of 32 words (8 per block), and x is laid out once per call in that order.
+// A nibble q becomes the bf16 number 128 + q by OR-ing 0x4300 into its word (exact: bf16
+// has 8 significant bits), so w . x = d sum((128 + q) x) + (m - 128 d) sum(x) per block.
+// vdpbf16ps multiplies pairs exactly and accumulates in fp32: fp32 lanes 4b..4b+3 hold block
+// b's partial dot; d and m - 128 d reach those lanes by one permute each, and the second
+// term enters as (m - 128 d) * (sum(x) / 4) on each of a block's 4 lanes. The offset makes
+// the partial sums ~18x larger than the fp32 path's, i.e. ~1e-6 relative error: far below
+// the bf16 rounding of the output.
+struct Bf16X {  // x rearranged for one call
+  std::vector<uint16_t> xs;  // [M][quads][4][32]
+  std::vector<float> s4;     // [M][quads][16]: each block's sum(x) / 4 on its 4 lanes
+};
+
+inline void prepare_bf16_x(const uint16_t* x, int64_t M, int64_t K, Bf16X& px) {
+  const int64_t nb = K / 32, quads = (nb + 3) / 4;
+  px.xs.assign(M * quads * 128, 0);
+  px.s4.assign(M * quads * 16, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const uint16_t* src = x + m * K + blk * 32;
+      uint16_t* dst = px.xs.data() + (m * quads + blk / 4) * 128 + (blk % 4) * 8;
+      for (int t = 0; t < 8; ++t) {
+        dst[t] = src[2 * t];
+        dst[32 + t] = src[2 * t + 16];
+        dst[64 + t] = src[2 * t + 1];
+        dst[96 + t] = src[2 * t + 17];
+      }
+      float sum = 0;
+      for (int j = 0; j < 32; ++j) sum += bits<float>(uint32_t(src[j]) << 16);
+      for (int j = 0; j < 4; ++j) px.s4[(m * quads + blk / 4) * 16 + (blk % 4) * 4 + j] = sum * 0.25f;
+    }
+}
+
+template <int MB>
+void gemv_q4_bf16_rows(const Q4Rows& w, const uint16_t* xs, const float* s4, int64_t n0, int64_t n1,
+                       c10::BFloat16* out, int64_t N) {
+  const int64_t K = w.K, nb = K / 32, quads = (nb + 3) / 4, full = nb / 4;
+  const __m512i lane_blk = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i low4 = _mm512_set1_epi16(0x000F), bias = _mm512_set1_epi16(0x4300);
+  const __mmask64 tail_mask = (1ull << ((nb % 4) * 16)) - 1;  // the last, partial quad
+  v16 sums[MB][TILE];  // rows are short (K / 32 blocks): their sums are reduced 16 at once
+  for (int64_t g0 = n0; g0 < n1; g0 += TILE) {
+    const int rows = int(std::min<int64_t>(TILE, n1 - g0));
+    for (int r = 0; r < rows; ++r) {
+      const int64_t n = g0 + r;
+      if (n + PREFETCH_ROWS < n1) w.prefetch(n + PREFETCH_ROWS);
+      const uint8_t* codes = w.qw + n * (K / 2);
+      const uint16_t* sc = reinterpret_cast<const uint16_t*>(w.sc) + n * nb;
+      const uint16_t* mn = reinterpret_cast<const uint16_t*>(w.mn) + n * nb;
+      __m512 acc[MB], mt[MB];  // d-terms and m-terms: two short FMA chains per row
+      for (int m = 0; m < MB; ++m) acc[m] = mt[m] = _mm512_setzero_ps();
+      __m512 d16 = _mm512_setzero_ps(), m16 = _mm512_setzero_ps();
+      for (int64_t qd = 0; qd < quads; ++qd) {
+        const int g = int(qd % 4);  // 4 quads = the 16 blocks of one scale load
+        if (g == 0) {
+          const int64_t left = nb - 4 * qd;
+          const __mmask16 k = left >= 16 ? 0xFFFF : __mmask16((1u << left) - 1);
+          d16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + 4 * qd));
+          m16 = _mm512_fnmadd_ps(d16, _mm512_set1_ps(128.0f), _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + 4 * qd)));
+        }
+        const __m512i idx = _mm512_add_epi32(lane_blk, _mm512_set1_epi32(4 * g));
+        const __m512 dv = _mm512_permutexvar_ps(idx, d16), mv = _mm512_permutexvar_ps(idx, m16);
+        const __m512i c = qd < full ? _mm512_loadu_si512(codes + qd * 64) : _mm512_maskz_loadu_epi8(tail_mask, codes + qd * 64);
+        // (c & 15) | 0x4300 and friends: 0xEA = (A & B) | C
+        const __m512bh v0 = (__m512bh)_mm512_ternarylogic_epi32(c, low4, bias, 0xEA);
+        const __m512bh v1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 4), low4, bias, 0xEA);
+        const __m512bh v2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(c, 8), low4, bias, 0xEA);
+        const __m512bh v3 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(c, 12), bias);
+        for (int m = 0; m < MB; ++m) {
+          const uint16_t* xp = xs + (m * quads + qd) * 128;
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), v0, (__m512bh)_mm512_loadu_si512(xp));
+          __m512 b = _mm512_dpbf16_ps(_mm512_setzero_ps(), v1, (__m512bh)_mm512_loadu_si512(xp + 32));
+          a = _mm512_dpbf16_ps(a, v2, (__m512bh)_mm512_loadu_si512(xp + 64));
+          b = _mm512_dpbf16_ps(b, v3, (__m512bh)_mm512_loadu_si512(xp + 96));
+          acc[m] = _mm512_fmadd_ps(_mm512_add_ps(a, b), dv, acc[m]);
+          mt[m] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(s4 + (m * quads + qd) * 16), mt[m]);
+        }
+      }
+      for (int m = 0; m < MB; ++m) sums[m][r] = bits<v16>(_mm512_add_ps(acc[m], mt[m]));
+    }
+    for (int m = 0; m < MB; ++m) {
+      for (int r = rows; r < TILE; ++r) sums[m][r] = v16{};
+      const v16 y = reduce16(sums[m]);
+      const __m256i yb = (__m256i)_mm512_cvtneps_pbh(bits<__m512>(y));  // round to nearest even
+      uint16_t tmp[TILE];
+      std::memcpy(tmp, &yb, sizeof tmp);
+      std::memcpy(out + m * N + g0, tmp, rows * sizeof(uint16_t));
+    }
+  }
+}
+
+at::Tensor q4_linear_bf16(const at::Tensor& x, const Q4Rows& w, int64_t N) {
+  const int64_t M = x.size(0), K = w.K;
+  thread_local Bf16X px;
+  prepare_bf16_x(static_cast<const uint16_t*>(x.data_ptr()), M, K, px);
+  at::Tensor out = at::empty({M, N}, x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t mb = std::min<int64_t>(8, M - m0);
+    const int64_t quads = (K / 32 + 3) / 4;
+    const uint16_t* xs = px.xs.data() + m0 * quads * 128;
+    const float* s4 = px.s4.data() + m0 * quads * 16;
+    c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + m0 * N;
+    at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+      switch (mb) {
+        case 1: gemv_q4_bf16_rows<1>(w, xs, s4, lo, hi, o, N); break;
+        case 2: gemv_q4_bf16_rows<2>(w, xs, s4, lo, hi, o, N); break;
+        case 3: gemv_q4_bf16_rows<3>(w, xs, s4, lo, hi, o, N); break;
+        case 4: gemv_q4_bf16_rows<4>(w, xs, s4, lo, hi, o, N); break;
+        case 5: gemv_q4_bf16_rows<5>(w, xs, s4, lo, hi, o, N); break;
+        case 6: gemv_q4_bf16_rows<6>(w, xs, s4, lo, hi, o, N); break;
+        case 7: gemv_q4_bf16_rows<7>(w, xs, s4, lo, hi, o, N); break;
+        default: gemv_q4_bf16_rows<8>(w, xs, s4, lo, hi, o, N); break;
+      }
+    });
+  }
+  return out;
+}
+#endif
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& mins) {
+  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(K % 32 == 0 && qweight.size(1) == K / 2, "K must be a multiple of 32 matching the weight");
+  const Q4Rows w{qweight.data_ptr<uint8_t>(), static_cast<const c10::Half*>(scales.data_ptr()),
+                 static_cast<const c10::Half*>(mins.data_ptr()), K};
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (M <= 16 && x.scalar_type() == at::kBFloat16) return q4_linear_bf16(x.contiguous(), w, N);
+#endif
+  if (M <= 8) return gemv(x.to(at::kFloat).contiguous(), w, N).to(x.scalar_type());
+  // Dequantize into reused scratch (a fresh multi-MB allocation per call costs page
+  // faults every step), in x's dtype, then the dense GEMM.
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
+  static thread_local at::Tensor scratch;
+  if (!scratch.defined() || scratch.numel() < N * K * 2) scratch = at::empty({N * K * 2}, x.options().dtype(at::kShort));
+  at::Tensor dense = bf16 ? scratch.narrow(0, 0, N * K).view(at::kBFloat16).view({N, K})
+                          : scratch.view(at::kFloat).narrow(0, 0, N * K).view({N, K});
+  uint8_t* dp = static_cast<uint8_t*>(dense.data_ptr());
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      for (int64_t b = 0; b < K / 32; ++b) {
+        v16 w0, w1;
+        w.block(n, b, w0, w1);
+        const int64_t at = n * K + b * 32;
+        if (!bf16) {
+          store16(reinterpret_cast<float*>(dp) + at, w0);
+          store16(reinterpret_cast<float*>(dp) + at + 16, w1);
+          continue;
+        }
+        // fp32 -> bf16, round to nearest even (as torch's conversion; weights are finite).
+        for (int h = 0; h < 2; ++h) {
+          const u32x16 u = (u32x16)(h ? w1 : w0);
+          const u16x16 r = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, u16x16);
+          std::memcpy(dp + (at + 16 * h) * 2, &r, sizeof r);
+        }
+      }
+  });
+  return at::mm(x.contiguous(), dense.t());
+}
+
+// The tied output head of the default model: a quarter of the bytes an fp32 head reads.
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2, "x: [M, K]");
+  const int64_t K = x.size(1), N = codes.size(0);
+  TORCH_CHECK(K % 32 == 0 && codes.size(1) == K, "K must be a multiple of 32 matching the weight");
+  const Q8Rows w{codes.data_ptr<int8_t>(), static_cast<const c10::Half*>(scales.data_ptr()), K};
+  return gemv(x.to(at::kFloat).contiguous(), w, N);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
+  m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
+}

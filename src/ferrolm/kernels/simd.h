@@ -1,0 +1,244 @@
+// Vector helpers shared by ferrolm's compiled CPU kernels (one header, included by each
+// translation unit; everything is inline in an anonymous namespace). Built with
+// -march=native: the intrinsics paths are AVX-512 or AVX2, the generic vector code
+// whatever the machine has.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int TILE = 16;  // one 16-float vector: keys per attention tile, rows per reduction
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef int16_t i16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef _Float16 h16 __attribute__((vector_size(32)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+
+
+// Same-size reinterpretation between vector-extension and intrinsic types.
+template <class To, class From>
+inline To bits(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 splat(float x) { return v16{} + x; }
+
+inline float hsum(v16 v) {
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline v8 vmax8(v8 a, v8 b) { return a > b ? a : b; }
+inline float hmax(v16 v) {
+  v8 a = vmax8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  a = vmax8(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3));
+  a = vmax8(a, __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5));
+  return std::max(a[0], a[1]);
+}
+
+// Sixteen vectors of partial sums -> one vector of their sums (lane j = sum of a[j]):
+// a transpose-and-add tree of 30 two-source shuffles and 15 adds.
+inline v16 reduce16(const v16* a) {
+  v16 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Scores of one query row against a tile of 16 keys (rows of kb, zero past the tile's end).
+template <int NC>
+inline v16 tile_scores(const float* qr, const float* kb) {
+  v16 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = load16(qr + 16 * c);
+  v16 a[TILE];
+  for (int j = 0; j < TILE; ++j) {
+    a[j] = qv[0] * load16(kb + j * NC * 16);
+    for (int c = 1; c < NC; ++c) a[j] += qv[c] * load16(kb + j * NC * 16 + 16 * c);
+  }
+  return reduce16(a);
+}
+
+// acc[r] = acc[r] * corr[r] + sum_j p[r][j] V[j] for R rows at once (R x NC independent chains).
+template <int NC, int R>
+inline void tile_pv(float* acc, const float* p, const float* corr, const float* vb, int n) {
+  v16 a[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) a[r][c] = load16(acc + (r * NC + c) * 16) * corr[r];
+  for (int j = 0; j < n; ++j)
+    for (int r = 0; r < R; ++r) {
+      const float pj = p[r * TILE + j];
+      for (int c = 0; c < NC; ++c) a[r][c] += pj * load16(vb + (j * NC + c) * 16);
+    }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) store16(acc + (r * NC + c) * 16, a[r][c]);
+}
+
+template <int NC>
+void tile_pv_rows(float* acc, const float* p, const float* corr, const float* vb, int n, int rows) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) tile_pv<NC, 4>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n);
+  switch (rows - r) {
+    case 3: tile_pv<NC, 3>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n); break;
+    case 2: tile_pv<NC, 2>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n); break;
+    case 1: tile_pv<NC, 1>(acc + r * NC * 16, p + r * TILE, corr + r, vb, n); break;
+    default: break;
+  }
+}
+
+// exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
+// (relative error ~2e-7); x <= -88 gives 0.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-88.0f), hi = splat(88.0f);
+  v16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  v16 n = xc * 1.44269504088896341f;
+  n = __builtin_convertvector(__builtin_convertvector(n + (v16)(n >= 0 ? splat(0.5f) : splat(-0.5f)), i32x16), v16);
+  v16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  v16 out = p * (v16)e;
+  return x <= lo ? v16{} : out;
+}
+
+// 16 fp16 bit patterns -> fp32 with the hardware conversion (gcc's generic vector
+// conversion from _Float16 comes out as scalar code).
+inline v16 f16_bits_to_f32(i16x16 h) {
+#if defined(__AVX512F__)
+  return bits<v16>(_mm512_cvtph_ps(bits<__m256i>(h)));
+#elif defined(__F16C__)
+  const __m256 a = _mm256_cvtph_ps(bits<__m128i>(__builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7)));
+  const __m256 b = _mm256_cvtph_ps(bits<__m128i>(__builtin_shufflevector(h, h, 8, 9, 10, 11, 12, 13, 14, 15)));
+  return __builtin_shufflevector(bits<v8>(a), bits<v8>(b), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return __builtin_convertvector(bits<h16>(h), v16);
+#endif
+}
+inline v16 from_f16(const void* p) {
+  i16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return f16_bits_to_f32(h);
+}
+inline v16 from_bf16(const void* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (v16)(__builtin_convertvector(h, u32x16) << 16);
+}
+inline v16 i32_to_v16(i32x16 x) {
+#if defined(__AVX512F__)
+  return bits<v16>(_mm512_cvtepi32_ps(bits<__m512i>(x)));
+#else
+  return __builtin_convertvector(x, v16);
+#endif
+}
+inline v16 from_i8(const void* p) {
+#if defined(__AVX512F__)
+  return bits<v16>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const v8 a = bits<v8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)));
+  const v8 c = bits<v8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))));
+  return __builtin_shufflevector(a, c, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  i8x16 q;
+  std::memcpy(&q, p, sizeof q);
+  return __builtin_convertvector(q, v16);
+#endif
+}
+inline float half_to_float(c10::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);
+#else
+  return (float)h;
+#endif
+}
+// E4M3 s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the value / 256, subnormals too.
+inline v16 from_e4m3(const void* p) {
+  i8x16 q;
+  std::memcpy(&q, p, sizeof q);
+  i16x16 x = __builtin_convertvector(q, i16x16) << 7;
+  x &= (int16_t)-0x4001;
+  return f16_bits_to_f32(x);
+}
+// E5M2 is the high byte of fp16.
+inline v16 from_e5m2(const void* p) {
+  u8x16 q;
+  std::memcpy(&q, p, sizeof q);
+  u16x16 x = __builtin_convertvector(q, u16x16) << 8;
+  return f16_bits_to_f32((i16x16)x);
+}
+// Eight bytes of two nibbles each -> 16 table indices (low nibble first).
+inline i32x16 nibbles(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));  // each byte twice
+  const __m512i sh = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  return bits<i32x16>(_mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15)));
+#else
+  u8x16 b;
+  std::memcpy(&b, p, 8);
+  u8x16 d = __builtin_shufflevector(b, b, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const u8x16 sh = {0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4};
+  return __builtin_convertvector((u8x16)((d >> sh) & 15), i32x16);
+#endif
+}
+// A 16-entry table looked up at 16 indices (vpermps on AVX-512).
+inline v16 lookup16(v16 table, i32x16 idx) {
+#if defined(__AVX512F__)
+  return bits<v16>(_mm512_permutexvar_ps(bits<__m512i>(idx), bits<__m512>(table)));
+#else
+  return __builtin_shuffle(table, idx);
+#endif
+}
+
+
+}  // namespace

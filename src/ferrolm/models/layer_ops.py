@@ -1,0 +1,47 @@
+"""The small per-layer ops of a decoder step: residual add + RMSNorm, and RoPE in place.
+
+Compiled (kernels/layer_ops.cpp) where the kernels build: each call replaces 8-12 eager
+torch ops, whose dispatch cost outweighed their arithmetic at small batches. The torch
+versions below are the reference and the fallback; both compute in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ferrolm.kernels import build
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    if delta is not None:
+        x.add_(delta.reshape(x.shape).float())
+    return (weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))).to(out_dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """x (the fp32 residual stream [T, H]) += delta in place; returns RMSNorm(x) * weight in
+    out_dtype (fp32 or bf16)."""
+    if build.load() and out_dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32:
+        return torch.ops.ferrolm_cpu.add_rms_norm(x, delta, weight, eps, out_dtype == torch.bfloat16)
+    return add_rms_norm_reference(x, delta, weight, eps, out_dtype)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos.view(-1, 1, x.shape[-1]), sin.view(-1, 1, x.shape[-1])
+    x.copy_((x.float() * cos + rotated.float() * sin).to(x.dtype))
+    return x
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in place: x [T, heads, D] (fp32 or bf16, contiguous), cos/sin fp32 [T, D]."""
+    if build.load() and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
+        torch.ops.ferrolm_cpu.rope_(x, cos, sin)
+        return x
+    return rope_reference(x, cos, sin)

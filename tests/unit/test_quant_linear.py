@@ -65,3 +65,17 @@ def test_q8_0_head_is_lossless_and_matches_the_dense_head():
         head.compiled = False
         torch.testing.assert_close(head(x), expected, atol=1e-5, rtol=1e-5)
         head.compiled = True
+
+
+@pytest.mark.parametrize("K", [160, 224, 576, 1536])  # 5, 7, 18, 48 blocks: every partial quad
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_bf16_activations_path_is_the_fp32_path_rounded(K, rows):
+    """bf16 x (the bf16-dot-product GEMV where the CPU has it): within one bf16 rounding of
+    the fp32 GEMV on the same bf16 inputs, for every tail of a quad of blocks."""
+    w = q4_from_gguf(_gguf_blocks("Q4_1", 37, K, seed=K + rows), "Q4_1", (37, K))
+    layer = Q4Linear(w)
+    x = torch.randn(rows, K).bfloat16()
+    exact = x.double() @ w.dequantize().double().t()
+    got = layer(x).double()
+    ulp = exact.abs().clamp_min(1e-3) * 2.0**-8  # one bf16 step (8 significant bits)
+    assert ((got - exact).abs() <= ulp).all()

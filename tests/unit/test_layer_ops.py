@@ -1,0 +1,39 @@
+"""The fused per-layer ops (compiled) against their torch references."""
+
+import pytest
+import torch
+
+from ferrolm.kernels import build
+from ferrolm.models.layer_ops import add_rms_norm, add_rms_norm_reference, rope_, rope_reference
+
+pytestmark = pytest.mark.skipif(not build.load(), reason="compiled kernels unavailable here")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("delta_dtype", [None, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_add_rms_norm_matches_the_reference(out_dtype, delta_dtype, T):
+    x = torch.randn(T, 96) * 3
+    w = torch.rand(96) + 0.5
+    delta = None if delta_dtype is None else torch.randn(T, 96).to(delta_dtype)
+    x_ref = x.clone()
+    ref = add_rms_norm_reference(x_ref, delta, w, 1e-5, out_dtype)
+    got = add_rms_norm(x, delta, w, 1e-5, out_dtype)
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-6)  # the residual, updated in place
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,heads,D", [(1, 9, 64), (5, 3, 64), (3, 2, 128)])
+def test_rope_in_place_matches_the_reference(dtype, T, heads, D):
+    freqs = torch.arange(T).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    x = torch.randn(T, heads, D).to(dtype)
+    ref = rope_reference(x.clone(), cos, sin)
+    got = rope_(x, cos, sin)
+    assert got.data_ptr() == x.data_ptr()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)

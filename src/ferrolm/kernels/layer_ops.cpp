@@ -88,14 +88,44 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
     TORCH_CHECK(false, "rope_: x must be fp32 or bf16");
 }
 
+// SwiGLU's product: [T, 2I] (gate | up) -> silu(gate) * up [T, I], each rounded once to
+// the input's dtype as torch's silu and mul do.
+template <class S>
+void silu_mul_rows(const S* gu, S* out, int64_t T, int64_t I) {
+  at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t)
+      for (int64_t j = 0; j < I; ++j) {
+        const float g = float(gu[t * 2 * I + j]);
+        const S silu = S(g / (1.0f + std::exp(-g)));
+        out[t * I + j] = S(float(silu) * float(gu[t * 2 * I + I + j]));
+      }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up: [T, 2I]");
+  const at::Tensor gu = gate_up.contiguous();
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  at::Tensor out = at::empty({T, I}, gu.options());
+  if (gu.scalar_type() == at::kFloat)
+    silu_mul_rows(gu.data_ptr<float>(), out.data_ptr<float>(), T, I);
+  else if (gu.scalar_type() == at::kBFloat16)
+    silu_mul_rows(gu.data_ptr<c10::BFloat16>(), out.data_ptr<c10::BFloat16>(), T, I);
+  else
+    TORCH_CHECK(false, "silu_mul: fp32 or bf16");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps, bool bf16_out) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);
+  m.impl("silu_mul", &silu_mul);
 }

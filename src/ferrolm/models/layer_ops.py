@@ -1,4 +1,4 @@
-"""The small per-layer ops of a decoder step: residual add + RMSNorm, and RoPE in place.
+"""The small per-layer ops of a decoder step: residual add + RMSNorm, RoPE in place, SwiGLU.
 
 Compiled (kernels/layer_ops.cpp) where the kernels build: each call replaces 8-12 eager
 torch ops, whose dispatch cost outweighed their arithmetic at small batches. The torch
@@ -45,3 +45,15 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         torch.ops.ferrolm_cpu.rope_(x, cos, sin)
         return x
     return rope_reference(x, cos, sin)
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    g, u = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate then up) -> silu(gate) * up [T, I], in gate_up's dtype."""
+    if build.load() and gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2:
+        return torch.ops.ferrolm_cpu.silu_mul(gate_up)
+    return silu_mul_reference(gate_up)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferrolm.attention import PagedAttention, StepContext
-from ferrolm.models.layer_ops import add_rms_norm, rope_
+from ferrolm.models.fused import FusedLinear, fuse
+from ferrolm.models.layer_ops import add_rms_norm, rope_, silu_mul
 
 
 @dataclass
@@ -115,12 +116,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
         self.attn = PagedAttention(layer, self.d**-0.5)
+        self.qkv: FusedLinear | None = None  # set by LlamaModel.fuse_projections
+
+    def fuse(self) -> None:
+        object.__setattr__(self, "qkv", fuse([self.q_proj, self.k_proj, self.v_proj]))
 
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        q = rope_(self.q_proj(x).view(T, self.h, self.d), cos, sin)
-        k = rope_(self.k_proj(x).view(T, self.kvh, self.d), cos, sin)
-        v = self.v_proj(x).view(T, self.kvh, self.d)
+        if self.qkv is not None:
+            q, k, v = (t.contiguous() for t in self.qkv.split(self.qkv(x)))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = rope_(q.view(T, self.h, self.d), cos, sin)
+        k = rope_(k.view(T, self.kvh, self.d), cos, sin)
+        v = v.view(T, self.kvh, self.d)
         return self.o_proj(self.attn(q, k, v, ctx))
 
 
@@ -130,8 +139,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: FusedLinear | None = None  # set by LlamaModel.fuse_projections
+
+    def fuse(self) -> None:
+        object.__setattr__(self, "gate_up", fuse([self.gate_proj, self.up_proj]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            return self.down_proj(silu_mul(self.gate_up(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -210,6 +225,14 @@ class LlamaModel(nn.Module):
             if isinstance(mod, (Q4Linear, Q8Linear)):
                 state[f"{name}.weight"] = mod.dense_weight()
         return state
+
+    def fuse_projections(self) -> LlamaModel:
+        """q/k/v and gate/up each become one matrix (models/fused.py); call after the last
+        dtype change (the original layers then hold row-slices of the merged weights)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def to_compute_dtype(self, dtype: torch.dtype) -> LlamaModel:
         """Linear layers and the embedding to `dtype`; norms and the output head stay fp32

@@ -93,7 +93,7 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to_compute_dtype(dtype)
     model.inv_freq = rope_inv_freq(cfg)  # meta buffers hold no data; frequencies stay fp32
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).fuse_projections()
 
 
 # --- GGUF --------------------------------------------------------------------

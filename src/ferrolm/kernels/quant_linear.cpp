@@ -264,6 +264,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
           continue;
         }
         // fp32 -> bf16, round to nearest even (as torch's conversion; weights are finite).
+#if defined(__AVX512BF16__)
+        _mm512_storeu_si512(dp + at * 2, (__m512i)_mm512_cvtne2ps_pbh(bits<__m512>(w1), bits<__m512>(w0)));
+        continue;
+#endif
         for (int h = 0; h < 2; ++h) {
           const u32x16 u = (u32x16)(h ? w1 : w0);
           const u16x16 r = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, u16x16);

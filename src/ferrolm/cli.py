@@ -369,6 +369,11 @@ def _baselines(text: str) -> tuple[str, ...]:
     help="llama.cpp KV cache types to run with --baseline llama.cpp.",
 )
 @bench_option(
+    "--llamacpp-decode-concurrency",
+    default=None,
+    help="Sequences of llama.cpp's decode grid (default: as --decode-concurrency; its prefill is slow).",
+)
+@bench_option(
     "--prefill-lens",
     default="",
     show_default=True,
@@ -394,6 +399,7 @@ def bench_cmd(
     kv_cache_memory_gb,
     baseline,
     llamacpp_cache_types,
+    llamacpp_decode_concurrency,
     prefill_lens,
     json_path,
     plot_path,
@@ -422,6 +428,9 @@ def bench_cmd(
         baselines=_baselines(baseline),
         llamacpp_cache_types=tuple(x.strip() for x in llamacpp_cache_types.split(",") if x.strip()),
         prefill_lens=_ints(prefill_lens),
+        llamacpp_decode_concurrency=None
+        if llamacpp_decode_concurrency is None
+        else _ints(llamacpp_decode_concurrency),
     )
     if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
         fail("repeats and output-len must be >= 1 and concurrency non-empty")

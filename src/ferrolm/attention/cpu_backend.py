@@ -89,7 +89,6 @@ class CpuBackend:
                 x = fwht(x) if half.fmt.rotated else x
                 pool.write_staged(half, slots, x.transpose(0, 1))
                 continue
-            x = x.float().contiguous()
             qmax = half.fmt.qmax or 0.0
             torch.ops.ferrolm_cpu.write(
                 x,
@@ -118,7 +117,7 @@ class CpuBackend:
             return out
         row_of = pool.row_of if (K.staging is not None or V.staging is not None) else None
         return torch.ops.ferrolm_cpu.attend(
-            q.float().contiguous(),
+            q,  # any float dtype: converted inside; the output comes back in q's dtype
             *self._half_args(K),
             *self._half_args(V),
             row_of,

@@ -40,6 +40,7 @@ class BenchConfig:
     kv_cache_memory_gb: float = 1.0
     baselines: tuple[str, ...] = ()  # "hf", "llama.cpp"
     llamacpp_cache_types: tuple[str, ...] = ("f16", "q8_0")
+    llamacpp_decode_concurrency: tuple[int, ...] | None = None  # None: as decode_concurrency
     prefill_lens: tuple[int, ...] = ()  # prefill tokens/s of one prompt of each length
 
 
@@ -210,9 +211,14 @@ def _run_llamacpp(cfg, text, tokenizer, prompts, say, results, grid, prefill) ->
                 say(f"llama.cpp cache={cache} concurrency={c}")
                 row = _repeat(cfg, lambda n, c=c, llm=llm: llm.generate(prompts[:c], n))
                 results.append({"engine": "llama.cpp", "kv_dtype": cache, "concurrency": c, **row})
-            if cfg.context_lens and cfg.decode_concurrency:
+            grid_c = (
+                cfg.decode_concurrency
+                if cfg.llamacpp_decode_concurrency is None
+                else cfg.llamacpp_decode_concurrency
+            )
+            if cfg.context_lens and grid_c:
                 say(f"llama.cpp cache={cache} decode grid")
-                for c in cfg.decode_concurrency:
+                for c in grid_c:
                     for n in cfg.context_lens:
                         step = llm.decode_step_time(
                             prompts_from_text(tokenizer, text, c, n), cfg.decode_steps

@@ -318,11 +318,11 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
                   const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
                   const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
                   int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out) {
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && q_in.is_contiguous() && q_in.dim() == 3,
-              "q: contiguous fp32 [T, H, D]");
-  at::Tensor q = q_in;
+  TORCH_CHECK(q_in.dim() == 3 && at::isFloatingType(q_in.scalar_type()), "q: [T, H, D], floating point");
+  // fp32 inside; the output comes back in q's dtype (one op here, not two dispatches in Python)
+  at::Tensor q = q_in.to(at::kFloat).contiguous();
   if (rot_q) {  // keys are stored rotated: rotate the queries alike
-    q = q_in.clone();
+    if (q.is_same(q_in)) q = q_in.clone();
     float* p = q.data_ptr<float>();
     const int64_t D = q.size(2);
     at::parallel_for(0, q.size(0) * q.size(1), 16, [&](int64_t lo, int64_t hi) {
@@ -367,7 +367,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
       for (int64_t i = lo; i < hi; ++i)
         run_item(items[i], 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
     });
-    return rotate_rows(out, D, rot_out);
+    return rotate_rows(out, D, rot_out).to(q_in.scalar_type());
   }
   const int64_t rows = G * qt;
   std::vector<float> pm(items.size() * nsplit * rows), pl(pm.size()), pacc(pm.size() * D);
@@ -403,14 +403,15 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
         }
     }
   });
-  return rotate_rows(out, D, rot_out);
+  return rotate_rows(out, D, rot_out).to(q_in.scalar_type());
 }
 
 // Quantize-on-write, one pass per (token, kv head): absmax per group, fp16 scale, round or
 // cast, store; the same arithmetic as KvFormat.quantize, so the bytes are identical.
-void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& data, const c10::optional<at::Tensor>& scale,
+void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& data, const c10::optional<at::Tensor>& scale,
            int64_t fmt, double qmax_d, const at::Tensor& mids, int64_t rotate) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 3, "x: contiguous fp32 [T, H, D]");
+  TORCH_CHECK(x_in.dim() == 3 && at::isFloatingType(x_in.scalar_type()), "x: [T, H, D], floating point");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
   TORCH_CHECK(slots.scalar_type() == at::kLong, "slots are int64");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), S = data.size(1);
   const float* xp = x.data_ptr<float>();

@@ -36,13 +36,17 @@ def fuse(parts: list[nn.Module]) -> FusedLinear | None:
         q4 = [p.q4 for p in parts]
         merged = Q4Linear(
             Q4Weight(
-                torch.cat([w.codes for w in q4]), torch.cat([w.scales for w in q4]), torch.cat([w.mins for w in q4])
+                torch.cat([w.codes for w in q4]),
+                torch.cat([w.scales for w in q4]),
+                torch.cat([w.mins for w in q4]),
             )
         )
         offset = 0
         for p, n in zip(parts, sizes):
             m = merged.q4
-            p.q4 = Q4Weight(m.codes[offset : offset + n], m.scales[offset : offset + n], m.mins[offset : offset + n])
+            p.q4 = Q4Weight(
+                m.codes[offset : offset + n], m.scales[offset : offset + n], m.mins[offset : offset + n]
+            )
             offset += n
         return FusedLinear(merged, sizes)
     if all(type(p) is nn.Linear for p in parts) and len({p.weight.dtype for p in parts}) == 1:

@@ -85,7 +85,9 @@ def decode_step_time(engine: LLMEngine, prompts: list[list[int]], steps: int) ->
     sequence decodes count (not the steps that still prefill some prompt, and none after one
     finished); the requests are aborted after `steps` such steps."""
     ids = [f"grid-{i}" for i in range(len(prompts))]
-    params = SamplingParams(temperature=0.0, max_tokens=10 * steps + 64, ignore_eos=True)
+    # No sequence may finish before the last one is prefilled (64 x 2048 prefills over
+    # hundreds of steps while the first ones decode): run to the model's length, abort after.
+    params = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len, ignore_eos=True)
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, p, params)
     prefilled: set[str] = set()

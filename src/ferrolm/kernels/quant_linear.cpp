@@ -1,6 +1,9 @@
 // GGUF weights as shipped: Q4_0 / Q4_1 and Q8_0 linear layers (see models/quant_linear.py).
 #include "simd.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace {
 
 
@@ -63,6 +66,7 @@ struct Q8Rows {
 // at ~4 GB/s, so each row asks for the row PREFETCH_ROWS ahead. Two accumulators per input
 // row halve the FMA dependency chains.
 constexpr int PREFETCH_ROWS = 4;
+constexpr int64_t AMX_MIN_ROWS = 4;  // above: AMX tiles (where built), below: the GEMV
 
 template <int MB, class W>
 void gemv_rows(const W& w, const float* x, int64_t n0, int64_t n1, float* out, int64_t N) {
@@ -232,6 +236,117 @@ at::Tensor q4_linear_bf16(const at::Tensor& x, const Q4Rows& w, int64_t N) {
 }
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// Q4 x bf16 for batches of a few to 64 rows with AMX: C^T = W x^T, so the weights are the A
+// operand (plain rows: a block of 32 weights of 16 output features, dequantized to bf16 on the
+// fly into a 1 KB tile, as the dense path's scratch rounds them) and x^T, laid out once per
+// call in AMX's pair-interleaved B layout, is reused by every weight tile; up to four 16-row
+// groups of x share each dequantized tile. No scratch matrix, no second pass over the weights.
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;  // the tile data state
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// x [M, K] bf16 -> per 32-k block kb and 16-row group mt a tile of 16 rows x 16 pairs:
+// row r, column c = (x[16 mt + c][32 kb + 2r], x[16 mt + c][32 kb + 2r + 1]); zeros past M.
+void prepare_xt(const uint16_t* x, int64_t M, int64_t K, int64_t MT, std::vector<uint32_t>& xt) {
+  const int64_t nb = K / 32;
+  xt.assign(nb * MT * 256, 0u);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t mt = m / 16, c = m % 16;
+    for (int64_t kb = 0; kb < nb; ++kb)
+      for (int r = 0; r < 16; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, x + m * K + kb * 32 + 2 * r, sizeof pair);
+        xt[(kb * MT + mt) * 256 + r * 16 + c] = pair;
+      }
+  }
+}
+
+template <int MT>
+void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float* cbuf) {
+  const int64_t nb = w.K / 32;
+  alignas(64) uint16_t a[16 * 32];
+  _tile_zero(0);
+  if constexpr (MT > 1) _tile_zero(1);
+  if constexpr (MT > 2) _tile_zero(2);
+  if constexpr (MT > 3) _tile_zero(3);
+  for (int64_t kb = 0; kb < nb; ++kb) {
+    for (int r = 0; r < 16; ++r) {
+      __m512i row = _mm512_setzero_si512();
+      if (n0 + r < N) {
+        v16 w0, w1;
+        w.block(n0 + r, kb, w0, w1);
+        row = (__m512i)_mm512_cvtne2ps_pbh(bits<__m512>(w1), bits<__m512>(w0));
+      }
+      _mm512_store_si512(a + r * 32, row);
+    }
+    _tile_loadd(4, a, 64);
+    const uint32_t* b = xt + kb * MT * 256;
+    _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (MT > 1) {
+      _tile_loadd(6, b + 256, 64);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if constexpr (MT > 2) {
+      _tile_loadd(7, b + 512, 64);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if constexpr (MT > 3) {
+      _tile_loadd(5, b + 768, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, cbuf, 64);
+  if constexpr (MT > 1) _tile_stored(1, cbuf + 256, 64);
+  if constexpr (MT > 2) _tile_stored(2, cbuf + 512, 64);
+  if constexpr (MT > 3) _tile_stored(3, cbuf + 768, 64);
+}
+
+at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
+  const int64_t M = x.size(0), K = w.K, MT = (M + 15) / 16;
+  thread_local std::vector<uint32_t> xt;
+  prepare_xt(static_cast<const uint16_t*>(x.data_ptr()), M, K, MT, xt);
+  const uint32_t* xtp = xt.data();  // thread_local: the workers must read this thread's copy
+  at::Tensor out = at::empty({M, N}, x.options());
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo, int64_t hi) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) float cbuf[4 * 256];
+    for (int64_t nt = lo; nt < hi; ++nt) {
+      switch (MT) {
+        case 1: amx_rows<1>(w, xtp, nt * 16, N, cbuf); break;
+        case 2: amx_rows<2>(w, xtp, nt * 16, N, cbuf); break;
+        case 3: amx_rows<3>(w, xtp, nt * 16, N, cbuf); break;
+        default: amx_rows<4>(w, xtp, nt * 16, N, cbuf); break;
+      }
+      // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]
+      for (int64_t m = 0; m < M; ++m)
+        for (int r = 0; r < 16 && nt * 16 + r < N; ++r)
+          o[m * N + nt * 16 + r] = c10::BFloat16(cbuf[(m / 16) * 256 + r * 16 + m % 16]);
+    }
+    _tile_release();
+  });
+  return out;
+}
+#endif
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const at::Tensor& mins) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
@@ -239,6 +354,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(K % 32 == 0 && qweight.size(1) == K / 2, "K must be a multiple of 32 matching the weight");
   const Q4Rows w{qweight.data_ptr<uint8_t>(), static_cast<const c10::Half*>(scales.data_ptr()),
                  static_cast<const c10::Half*>(mins.data_ptr()), K};
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  if (M > AMX_MIN_ROWS && M <= 64 && x.scalar_type() == at::kBFloat16 && amx_ready())
+    return q4_linear_amx(x.contiguous(), w, N);
+#endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if (M <= 16 && x.scalar_type() == at::kBFloat16) return q4_linear_bf16(x.contiguous(), w, N);
 #endif

@@ -18,15 +18,17 @@ from ferrolm.engine.sequence import Sequence
 LOGIT_LIMIT = 1e30  # / MIN_TEMPERATURE (1e-5) = 1e35, still finite in fp32
 
 
+def _has_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return bool(
+        p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.logit_bias
+    )
+
+
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     """Penalties for one row ([V]); returns the row unchanged when none is set."""
     p = seq.params
-    if (
-        p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
-        and not p.logit_bias
-    ):
+    if not _has_penalties(seq):
         return logits
     vocab = logits.shape[-1]
     logits = logits.clone()
@@ -64,8 +66,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     """logits [B, V] fp32, one row per sequence -> (token per row, top-N logprobs per row).
     Raises if a row cannot be sampled (e.g. no finite logit); the engine then samples
     row by row to finish only the sequence that failed."""
-    rows = [apply_penalties(logits[i], s) for i, s in enumerate(seqs)]
-    logits = torch.stack(rows) if rows else logits
+    # Only rows with penalties are rewritten (a batch of 64 plain rows used to be copied
+    # row by row into a new [B, V] tensor every step); one host sync for all argmaxes.
+    penalized = {i: apply_penalties(logits[i], s) for i, s in enumerate(seqs) if _has_penalties(s)}
+    if penalized:
+        logits = logits.clone()
+        for i, row in penalized.items():
+            logits[i] = row
     greedy_ids = logits.argmax(-1).tolist()
     tokens: list[int] = []
     logprobs: list[dict[int, float] | None] = []

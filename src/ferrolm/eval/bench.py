@@ -105,13 +105,13 @@ def decode_step_time(engine: LLMEngine, prompts: list[list[int]], steps: int) ->
     return _median(times)
 
 
-def decode_grid(engine: LLMEngine, text: str, concurrency, context_lens, steps: int) -> list[dict]:
-    """Decode tokens/s at each (concurrent sequences, context length)."""
+def decode_grid(step_time, tokenizer, text: str, concurrency, context_lens, steps: int) -> list[dict]:
+    """Decode tokens/s at each (concurrent sequences, context length); step_time(prompts,
+    steps) is one engine's median decode step (ferrolm's or a peer's)."""
     out = []
     for c in concurrency:
         for n in context_lens:
-            prompts = prompts_from_text(engine.tokenizer, text, c, n)
-            step = decode_step_time(engine, prompts, steps)
+            step = step_time(prompts_from_text(tokenizer, text, c, n), steps)
             out.append({"concurrency": c, "context": n, "step_s": step, "tokens_per_s": c / step})
     return out
 
@@ -220,21 +220,10 @@ def _run_llamacpp(cfg, text, tokenizer, prompts, say, results, grid, prefill) ->
             )
             if cfg.context_lens and grid_c:
                 say(f"llama.cpp cache={cache} decode grid")
-                for c in grid_c:
-                    for n in cfg.context_lens:
-                        step = llm.decode_step_time(
-                            prompts_from_text(tokenizer, text, c, n), cfg.decode_steps
-                        )
-                        grid.append(
-                            {
-                                "engine": "llama.cpp",
-                                "kv_dtype": cache,
-                                "concurrency": c,
-                                "context": n,
-                                "step_s": step,
-                                "tokens_per_s": c / step,
-                            }
-                        )
+                rows = decode_grid(
+                    llm.decode_step_time, tokenizer, text, grid_c, cfg.context_lens, cfg.decode_steps
+                )
+                grid.extend({"engine": "llama.cpp", "kv_dtype": cache, **row} for row in rows)
             for n in cfg.prefill_lens:
                 prompt = prompts_from_text(tokenizer, text, 1, n)[0]
                 once = lambda p=prompt, llm=llm: llm.prefill_time(p)  # noqa: E731
@@ -253,7 +242,14 @@ def _run_ferrolm(cfg: BenchConfig, kv: str, text: str, say, results, grid, prefi
         results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **row})
     if cfg.context_lens and cfg.decode_concurrency:
         say(f"ferrolm kv={kv} decode grid")
-        for row in decode_grid(engine, text, cfg.decode_concurrency, cfg.context_lens, cfg.decode_steps):
+        for row in decode_grid(
+            lambda p, n: decode_step_time(engine, p, n),
+            engine.tokenizer,
+            text,
+            cfg.decode_concurrency,
+            cfg.context_lens,
+            cfg.decode_steps,
+        ):
             grid.append({"engine": "ferrolm", "kv_dtype": kv, **row})
     for n in cfg.prefill_lens:
         say(f"ferrolm kv={kv} prefill {n}")

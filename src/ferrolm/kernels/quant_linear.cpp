@@ -2,6 +2,7 @@
 #include "simd.h"
 
 #include <sys/syscall.h>
+#include <type_traits>
 #include <unistd.h>
 
 namespace {
@@ -68,6 +69,16 @@ struct Q8Rows {
 constexpr int PREFETCH_ROWS = 4;
 constexpr int64_t AMX_MIN_ROWS = 4;  // above: AMX tiles (where built), below: the GEMV
 
+// Calls f(std::integral_constant<int, R>) for R = rows in 1..MAX (a compile-time row count
+// for the register-blocked kernels; above MAX, MAX).
+template <int MAX, class F>
+inline void with_rows(int64_t rows, F&& f) {
+  if constexpr (MAX > 1) {
+    if (rows < MAX) return with_rows<MAX - 1>(rows, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
 template <int MB, class W>
 void gemv_rows(const W& w, const float* x, int64_t n0, int64_t n1, float* out, int64_t N) {
   const int64_t K = w.K;
@@ -97,16 +108,7 @@ at::Tensor gemv(const at::Tensor& xf, const W& w, int64_t N) {
     const float* xp = xf.data_ptr<float>() + m0 * K;
     float* o = out.data_ptr<float>() + m0 * N;
     at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
-      switch (mb) {
-        case 1: gemv_rows<1>(w, xp, lo, hi, o, N); break;
-        case 2: gemv_rows<2>(w, xp, lo, hi, o, N); break;
-        case 3: gemv_rows<3>(w, xp, lo, hi, o, N); break;
-        case 4: gemv_rows<4>(w, xp, lo, hi, o, N); break;
-        case 5: gemv_rows<5>(w, xp, lo, hi, o, N); break;
-        case 6: gemv_rows<6>(w, xp, lo, hi, o, N); break;
-        case 7: gemv_rows<7>(w, xp, lo, hi, o, N); break;
-        default: gemv_rows<8>(w, xp, lo, hi, o, N); break;
-      }
+      with_rows<8>(mb, [&](auto R) { gemv_rows<R()>(w, xp, lo, hi, o, N); });
     });
   }
   return out;
@@ -220,16 +222,7 @@ at::Tensor q4_linear_bf16(const at::Tensor& x, const Q4Rows& w, int64_t N) {
     const float* s4 = px.s4.data() + m0 * quads * 16;
     c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + m0 * N;
     at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
-      switch (mb) {
-        case 1: gemv_q4_bf16_rows<1>(w, xs, s4, lo, hi, o, N); break;
-        case 2: gemv_q4_bf16_rows<2>(w, xs, s4, lo, hi, o, N); break;
-        case 3: gemv_q4_bf16_rows<3>(w, xs, s4, lo, hi, o, N); break;
-        case 4: gemv_q4_bf16_rows<4>(w, xs, s4, lo, hi, o, N); break;
-        case 5: gemv_q4_bf16_rows<5>(w, xs, s4, lo, hi, o, N); break;
-        case 6: gemv_q4_bf16_rows<6>(w, xs, s4, lo, hi, o, N); break;
-        case 7: gemv_q4_bf16_rows<7>(w, xs, s4, lo, hi, o, N); break;
-        default: gemv_q4_bf16_rows<8>(w, xs, s4, lo, hi, o, N); break;
-      }
+      with_rows<8>(mb, [&](auto R) { gemv_q4_bf16_rows<R()>(w, xs, s4, lo, hi, o, N); });
     });
   }
   return out;
@@ -330,12 +323,7 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
     _tile_loadconfig(&cfg);
     alignas(64) float cbuf[4 * 256];
     for (int64_t nt = lo; nt < hi; ++nt) {
-      switch (MT) {
-        case 1: amx_rows<1>(w, xtp, nt * 16, N, cbuf); break;
-        case 2: amx_rows<2>(w, xtp, nt * 16, N, cbuf); break;
-        case 3: amx_rows<3>(w, xtp, nt * 16, N, cbuf); break;
-        default: amx_rows<4>(w, xtp, nt * 16, N, cbuf); break;
-      }
+      with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf); });
       // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]
       for (int64_t m = 0; m < M; ++m)
         for (int r = 0; r < 16 && nt * 16 + r < N; ++r)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from ferrolm.kernels import build
-from ferrolm.models.layer_ops import add_rms_norm, add_rms_norm_reference, rope_, rope_reference
+from ferrolm.models.layer_ops import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rope_,
+    rope_reference,
+    silu_mul,
+    silu_mul_reference,
+)
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="compiled kernels unavailable here")
 
@@ -36,4 +43,17 @@ def test_rope_in_place_matches_the_reference(dtype, T, heads, D):
     got = rope_(x, cos, sin)
     assert got.data_ptr() == x.data_ptr()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,inter", [(1, 1536), (5, 40), (64, 24)])
+def test_silu_mul_matches_the_reference(dtype, T, inter):
+    gate_up = (torch.randn(T, 2 * inter) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-100.0, -20.0, 0.0, 30.0])  # exp's clamps and zero
+    ref = silu_mul_reference(gate_up)
+    got = silu_mul(gate_up)
+    assert got.dtype == dtype and got.shape == (T, inter)
+    # fp32: the polynomial exp's few ulp; bf16: at most one bf16 step where the silu's rounding differs
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)

@@ -92,13 +92,23 @@ void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
 // the input's dtype as torch's silu and mul do.
 template <class S>
 void silu_mul_rows(const S* gu, S* out, int64_t T, int64_t I) {
-  at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t)
-      for (int64_t j = 0; j < I; ++j) {
-        const float g = float(gu[t * 2 * I + j]);
-        const S silu = S(g / (1.0f + std::exp(-g)));
-        out[t * I + j] = S(float(silu) * float(gu[t * 2 * I + I + j]));
+  const int64_t I16 = I / 16 * 16;
+  at::parallel_for(0, T, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const S* g = gu + t * 2 * I;
+      const S* u = g + I;
+      S* o = out + t * I;
+      for (int64_t j = 0; j < I16; j += 16) {
+        const v16 gv = load_f32(g + j);
+        const v16 silu = round_to(o, gv / (1.0f + vexp(-gv)));
+        store_f32(o + j, silu * load_f32(u + j));
       }
+      for (int64_t j = I16; j < I; ++j) {
+        const float gj = float(g[j]);
+        const S silu = S(gj / (1.0f + std::exp(-gj)));
+        o[j] = S(float(silu) * float(u[j]));
+      }
+    }
   });
 }
 

@@ -324,11 +324,99 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
     alignas(64) float cbuf[4 * 256];
     for (int64_t nt = lo; nt < hi; ++nt) {
       with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf); });
-      // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]
-      for (int64_t m = 0; m < M; ++m)
-        for (int r = 0; r < 16 && nt * 16 + r < N; ++r)
-          o[m * N + nt * 16 + r] = c10::BFloat16(cbuf[(m / 16) * 256 + r * 16 + m % 16]);
+      // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]: transposed per group, rounded 16 at a time
+      const __mmask16 k = __mmask16((1u << std::min<int64_t>(16, N - nt * 16)) - 1);
+      for (int64_t mt = 0; mt < MT; ++mt) {
+        v16 t[16];
+        for (int r = 0; r < 16; ++r) t[r] = load16(cbuf + mt * 256 + r * 16);
+        transpose16(t);
+        for (int64_t c = 0; c < 16 && 16 * mt + c < M; ++c)
+          _mm256_mask_storeu_epi16(o + (16 * mt + c) * N + nt * 16, k, bits<__m256i>(to_bf16(t[c])));
+      }
     }
+    _tile_release();
+  });
+  return out;
+}
+// The Q8_0 head for 5-64 rows with AMX, fp32 in and out: the codes are exact in bf16 and
+// x = hi + lo (two bf16 parts, 16 significant bits), so each 32-k block's tile product
+// Q (x_hi + x_lo)^T is exact-weight fp32, then scaled by the block's d per weight row into
+// fp32 accumulators held in registers: each logit within ~2^-16 of sum |w x| of the exact
+// one. A 16-row strip of codes is converted once into an L1 buffer and reused by every
+// 16-row group of x; blocks alternate between two sets of tiles so one block's products
+// overlap the previous one's store and scaling. (Folding the scales into hi/lo weights to
+// accumulate whole rows in the tiles instead was slower: three products per block.)
+void amx_q8_strip(const Q8Rows& w, const uint32_t* xh, const uint32_t* xl, int64_t M, int64_t n0, int64_t N,
+                  uint16_t* a, float* dsc, float* o) {
+  const int64_t K = w.K, nb = K / 32, MT = (M + 15) / 16;
+  for (int r = 0; r < 16; ++r)
+    for (int64_t kb = 0; kb < nb; ++kb) {
+      __m512i row = _mm512_setzero_si512();
+      dsc[kb * 16 + r] = 0.0f;
+      if (n0 + r < N) {
+        const int8_t* p = w.qw + (n0 + r) * K + kb * 32;
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+        row = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+        dsc[kb * 16 + r] = half_to_float(w.sc[(n0 + r) * nb + kb]);
+      }
+      _mm512_storeu_si512(a + r * K + kb * 32, row);
+    }
+  alignas(64) float c0[256], c1[256];
+  const int64_t n_here = std::min<int64_t>(16, N - n0);
+  for (int64_t mt = 0; mt < MT; ++mt) {
+    v16 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = v16{};
+    for (int64_t kb = 0; kb < nb; kb += 2) {
+      const bool two = kb + 1 < nb;
+      _tile_loadd(2, a + kb * 32, K * 2);
+      _tile_zero(0);
+      _tile_loadd(4, xh + (kb * MT + mt) * 256, 64);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_loadd(5, xl + (kb * MT + mt) * 256, 64);
+      _tile_dpbf16ps(0, 2, 5);
+      if (two) {
+        _tile_loadd(3, a + (kb + 1) * 32, K * 2);
+        _tile_zero(1);
+        _tile_loadd(6, xh + ((kb + 1) * MT + mt) * 256, 64);
+        _tile_dpbf16ps(1, 3, 6);
+        _tile_loadd(7, xl + ((kb + 1) * MT + mt) * 256, 64);
+        _tile_dpbf16ps(1, 3, 7);
+      }
+      _tile_stored(0, c0, 64);
+      for (int r = 0; r < 16; ++r) acc[r] += dsc[kb * 16 + r] * load16(c0 + r * 16);
+      if (two) {
+        _tile_stored(1, c1, 64);
+        for (int r = 0; r < 16; ++r) acc[r] += dsc[(kb + 1) * 16 + r] * load16(c1 + r * 16);
+      }
+    }
+    transpose16(acc);  // acc[r] lane c = y[16 mt + c][n0 + r] -> acc[c] lane r
+    const __mmask16 k = __mmask16((1u << n_here) - 1);
+    for (int64_t c = 0; c < 16 && 16 * mt + c < M; ++c)
+      _mm512_mask_storeu_ps(o + (16 * mt + c) * N + n0, k, bits<__m512>(acc[c]));
+  }
+}
+
+at::Tensor q8_linear_amx(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
+  const int64_t M = xf.size(0), K = w.K, MT = (M + 15) / 16;
+  const at::Tensor hi = xf.to(at::kBFloat16);
+  const at::Tensor lo = at::sub(xf, hi.to(at::kFloat)).to(at::kBFloat16);
+  thread_local std::vector<uint32_t> xth, xtl;
+  prepare_xt(static_cast<const uint16_t*>(hi.data_ptr()), M, K, MT, xth);
+  prepare_xt(static_cast<const uint16_t*>(lo.data_ptr()), M, K, MT, xtl);
+  const uint32_t *xh = xth.data(), *xl = xtl.data();  // thread_local: captured by pointer
+  at::Tensor out = at::empty({M, N}, xf.options());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo_t, int64_t hi_t) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    std::vector<uint16_t> a(16 * K);
+    std::vector<float> dsc(K / 32 * 16);
+    for (int64_t nt = lo_t; nt < hi_t; ++nt) amx_q8_strip(w, xh, xl, M, nt * 16, N, a.data(), dsc.data(), o);
     _tile_release();
   });
   return out;
@@ -391,7 +479,17 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const int64_t K = x.size(1), N = codes.size(0);
   TORCH_CHECK(K % 32 == 0 && codes.size(1) == K, "K must be a multiple of 32 matching the weight");
   const Q8Rows w{codes.data_ptr<int8_t>(), static_cast<const c10::Half*>(scales.data_ptr()), K};
-  return gemv(x.to(at::kFloat).contiguous(), w, N);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  if (xf.size(0) > AMX_MIN_ROWS && amx_ready()) {
+    if (xf.size(0) <= 64) return q8_linear_amx(xf, w, N);
+    std::vector<at::Tensor> parts;
+    for (int64_t m0 = 0; m0 < xf.size(0); m0 += 64)
+      parts.push_back(q8_linear_amx(xf.narrow(0, m0, std::min<int64_t>(64, xf.size(0) - m0)), w, N));
+    return at::cat(parts);
+  }
+#endif
+  return gemv(xf, w, N);
 }
 
 }  // namespace

@@ -7,7 +7,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
@@ -128,6 +130,27 @@ void tile_pv_rows(float* acc, const float* p, const float* corr, const float* vb
   }
 }
 
+// A 16x16 matrix of floats, one row per vector, transposed in place: four rounds that
+// swap the off-diagonal blocks of side 8, 4, 2, 1 (16 two-source shuffles each).
+inline void transpose_round(v16* a, int h, i32x16 lo, i32x16 hi) {
+  for (int i = 0; i < 16; ++i)
+    if (!(i & h)) {
+      const v16 x = a[i], y = a[i + h];
+      a[i] = __builtin_shuffle(x, y, lo);
+      a[i + h] = __builtin_shuffle(x, y, hi);
+    }
+}
+inline void transpose16(v16* a) {
+  transpose_round(a, 8, i32x16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                  i32x16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  transpose_round(a, 4, i32x16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                  i32x16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  transpose_round(a, 2, i32x16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                  i32x16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  transpose_round(a, 1, i32x16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                  i32x16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+
 // exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
 // (relative error ~2e-7); x <= -88 gives 0.
 inline v16 vexp(v16 x) {
@@ -173,6 +196,25 @@ inline v16 from_bf16(const void* p) {
   std::memcpy(&h, p, sizeof h);
   return (v16)(__builtin_convertvector(h, u32x16) << 16);
 }
+// 16 fp32 -> bf16 bit patterns, rounded to nearest even (finite inputs), as torch rounds.
+inline u16x16 to_bf16(v16 v) {
+#if defined(__AVX512BF16__)
+  return bits<u16x16>(_mm512_cvtneps_pbh(bits<__m512>(v)));
+#else
+  const u32x16 u = bits<u32x16>(v);
+  return __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16, u16x16);
+#endif
+}
+inline v16 load_f32(const float* p) { return load16(p); }
+inline v16 load_f32(const c10::BFloat16* p) { return from_bf16(p); }
+inline void store_f32(float* p, v16 v) { store16(p, v); }
+inline void store_f32(c10::BFloat16* p, v16 v) {
+  const u16x16 b = to_bf16(v);
+  std::memcpy(p, &b, sizeof b);
+}
+// v rounded to S's precision and back (the rounding torch applies between two ops in S).
+inline v16 round_to(float*, v16 v) { return v; }
+inline v16 round_to(c10::BFloat16*, v16 v) { return (v16)(__builtin_convertvector(to_bf16(v), u32x16) << 16); }
 inline v16 i32_to_v16(i32x16 x) {
 #if defined(__AVX512F__)
   return bits<v16>(_mm512_cvtepi32_ps(bits<__m512i>(x)));

@@ -61,3 +61,26 @@ def test_readme_question_with_defaults_answers_paris(dtype):
     res = CliRunner().invoke(app, args + (["--dtype", dtype] if dtype else []))
     assert res.exit_code == 0, res.output
     assert "Paris" in res.stdout, res.stdout
+
+
+@pytest.mark.parametrize("kv", ["fp16", "int8", "int4"])
+def test_compiled_layer_loop_equals_the_python_layers_on_shipped_weights(default_model_path, kv):
+    """The default model as shipped (4-bit layers, compute dtype auto), a ragged batch: the
+    compiled layer loop and the Python layers give the same tokens and log-probabilities."""
+    from ferrolm.kernels import build
+
+    if not build.load():
+        pytest.skip("compiled kernels unavailable here")
+    llm = LLM(str(default_model_path), kv_cache_dtype=kv, kv_cache_memory_gb=0.1)
+    assert llm.engine.runner.plan is not None
+    prompts = [
+        "The capital of France is",
+        "Fellow-Citizens of the Senate and of the House of Representatives:",
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=1, ignore_eos=True)
+    compiled = llm.generate(prompts, params)
+    llm.engine.runner.plan = None
+    python = llm.generate(prompts, params)
+    for a, b in zip(compiled, python):
+        assert a.token_ids == b.token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs

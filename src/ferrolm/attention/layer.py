@@ -20,11 +20,13 @@ from ferrolm.kv.pool import KvPool
 
 @dataclass
 class StepContext:
-    """What every layer of one model step shares: the cache, its backend, the metadata."""
+    """What every layer of one model step shares: the cache, its backend, the metadata, and
+    the compiled layer loop over this cache where one applies (models/decoder_plan.py)."""
 
     pool: KvPool
     backend: AttentionBackend
     meta: AttentionMetadata
+    plan: object | None = None
 
 
 class PagedAttention:

@@ -7,6 +7,7 @@ import torch
 from ferrolm.attention import AttentionBackend, AttentionMetadata, StepContext
 from ferrolm.engine.scheduler import ScheduledSeq
 from ferrolm.kv.pool import KvPool
+from ferrolm.models.decoder_plan import build_plan
 from ferrolm.models.llama import LlamaModel
 
 
@@ -15,6 +16,9 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.backend = backend
+        # The decoder layers as one compiled loop over this pool (None: the Python layers;
+        # set it to None to force them). Built here, not on the model: engines share models.
+        self.plan = build_plan(model, pool, backend)
 
     @torch.inference_mode()
     def execute(
@@ -37,7 +41,7 @@ class ModelRunner:
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
-            StepContext(self.pool, self.backend, meta),
+            StepContext(self.pool, self.backend, meta, self.plan),
         )
         if rows is not None:
             flat, offset = [], 0

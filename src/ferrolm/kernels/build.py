@@ -26,8 +26,8 @@ from ferrolm.runtime import cpu_flags
 
 log = logging.getLogger("ferrolm")
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_attention.cpp", HERE / "quant_linear.cpp", HERE / "layer_ops.cpp"]
-HEADERS = [HERE / "simd.h"]
+SOURCES = [HERE / f for f in ("cpu_attention.cpp", "quant_linear.cpp", "layer_ops.cpp", "decoder.cpp")]
+HEADERS = [HERE / "simd.h", HERE / "ops.h"]
 
 
 # -fopenmp: at::parallel_for is inline and runs serially without it; the extension then

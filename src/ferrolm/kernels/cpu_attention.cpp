@@ -10,6 +10,7 @@
 // folds per-token scales into the scores (K) and the probabilities (V), and keeps an
 // online softmax; query heads sharing the kv head share every conversion.
 #include "simd.h"
+#include "ops.h"
 
 namespace {
 
@@ -496,6 +497,24 @@ void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor&
 }
 
 }  // namespace
+
+namespace ferrolm {
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::optional<at::Tensor>& k_scale,
+                  const c10::optional<at::Tensor>& k_stage, int64_t k_fmt, const at::Tensor& k_lut,
+                  const at::Tensor& v_data, const c10::optional<at::Tensor>& v_scale,
+                  const c10::optional<at::Tensor>& v_stage, int64_t v_fmt, const at::Tensor& v_lut,
+                  const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
+                  const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
+                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out) {
+  return ::attend(q, k_data, k_scale, k_stage, k_fmt, k_lut, v_data, v_scale, v_stage, v_fmt, v_lut, row_of,
+                  block_tables, q_start, ctx_len, block_size, scale, max_rows, num_threads, rot_q, rot_out);
+}
+void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& data,
+              const c10::optional<at::Tensor>& scale, int64_t fmt, double qmax, const at::Tensor& mids,
+              int64_t rotate) {
+  ::kv_write(x, slots, data, scale, fmt, qmax, mids, rotate);
+}
+}  // namespace ferrolm
 
 TORCH_LIBRARY(ferrolm_cpu, m) {
   m.def(

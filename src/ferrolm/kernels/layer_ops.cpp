@@ -2,6 +2,7 @@
 // dispatch cost (a few us each, ~1500 per step at one sequence) outweighed their arithmetic.
 // Same arithmetic as the torch versions in models/layer_ops.py, in fp32.
 #include "simd.h"
+#include "ops.h"
 
 namespace {
 
@@ -127,6 +128,15 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 }  // namespace
+
+namespace ferrolm {
+at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps,
+                        bool bf16_out) {
+  return ::add_rms_norm(x, delta, weight, eps, bf16_out);
+}
+void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) { ::rope_(x, cos, sin); }
+at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
+}  // namespace ferrolm
 
 TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps, bool bf16_out) -> Tensor");

@@ -1,5 +1,6 @@
 // GGUF weights as shipped: Q4_0 / Q4_1 and Q8_0 linear layers (see models/quant_linear.py).
 #include "simd.h"
+#include "ops.h"
 
 #include <sys/syscall.h>
 #include <type_traits>
@@ -493,6 +494,13 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 }
 
 }  // namespace
+
+namespace ferrolm {
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& mins) {
+  return ::q4_linear(x, qweight, scales, mins);
+}
+}  // namespace ferrolm
 
 TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor mins) -> Tensor");

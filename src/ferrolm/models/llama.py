@@ -195,9 +195,15 @@ class LlamaModel(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = emb.cos(), emb.sin()
         x = self.embed_tokens(input_ids).float()  # a fresh tensor: the layers update it in place
-        delta = None
-        for layer in self.layers:
-            delta = layer(x, delta, cos, sin, ctx)
+        if ctx.plan is not None:  # the same layers as one compiled loop (models/decoder_plan.py)
+            m = ctx.meta
+            delta = ctx.plan.run(
+                x, cos, sin, m.slot_mapping, m.block_tables, m.q_start, m.ctx_len, torch.get_num_threads()
+            )
+        else:
+            delta = None
+            for layer in self.layers:
+                delta = layer(x, delta, cos, sin, ctx)
         return self.norm(x, torch.float32, delta)
 
     @torch.inference_mode()

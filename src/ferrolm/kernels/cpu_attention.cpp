@@ -26,6 +26,7 @@ struct Half {
   const int64_t* row_of;   // per channel: staging row of each block
   int64_t fmt, groups, elem, slots, blocks, rows;
   v16 lut;                 // LUT4: value of each nibble before the group scale
+  int gsize;               // LUT4: values per group scale
   float factor;            // folded into per-token scales (256 for E4M3)
 
   bool per_token_scale() const { return fmt == I8 || fmt == E4M3 || fmt == E5M2; }
@@ -142,9 +143,215 @@ struct Partial {  // a split's running softmax state, merged afterwards
   float* acc;
 };
 
+// --- The decode path: one query (G <= 4 heads of one kv head), every value in registers ---
+// Each key row is converted straight into NC registers and used at once by the G query
+// heads (scores) and, for values, by the G accumulators: no fp32 copy of the tile, no
+// reloads. LUT4 rows use "nibble order": a span of 32 values (16 bytes) becomes one vector
+// of its even elements (low nibbles) and one of its odd ones (high nibbles), so a nibble
+// needs one mask or shift; the queries are permuted alike for keys (q . k is a sum over
+// dimensions: the order does not matter) and the value accumulators are put back in order.
+inline i32x16 bytes_to_i32(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return bits<i32x16>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+  u8x16 b;
+  std::memcpy(&b, p, sizeof b);
+  return __builtin_convertvector(b, i32x16);
+}
+
+// One row (D = 16 NC values) of a half -> registers; LUT4 group-scaled (nibble order), other
+// formats unscaled (their per-token scale is folded in by the caller).
+template <int NC>
+inline void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x) {
+  switch (h.fmt) {
+    case F32:
+      for (int c = 0; c < NC; ++c) x[c] = load16(reinterpret_cast<const float*>(row) + 16 * c);
+      break;
+    case F16:
+      for (int c = 0; c < NC; ++c) x[c] = from_f16(row + 32 * c);
+      break;
+    case BF16:
+      for (int c = 0; c < NC; ++c) x[c] = from_bf16(row + 32 * c);
+      break;
+    case I8:
+      for (int c = 0; c < NC; ++c) x[c] = from_i8(row + 16 * c);
+      break;
+    case E4M3:
+      for (int c = 0; c < NC; ++c) x[c] = from_e4m3(row + 16 * c);
+      break;
+    case E5M2:
+      for (int c = 0; c < NC; ++c) x[c] = from_e5m2(row + 16 * c);
+      break;
+    default: {  // LUT4, NC even
+      const int gs = h.gsize;  // 16, 32, 64 ...
+      for (int s = 0; s < NC / 2; ++s) {
+        const i32x16 idx = bytes_to_i32(row + 16 * s);
+        v16 sc;
+        if (gs >= 32) {
+          sc = splat(half_to_float(gscale[gs == 32 ? s : 32 * s / gs]));
+        } else {  // groups of 16: evens/odds 0-7 in group 2s, 8-15 in group 2s + 1
+          const float a = half_to_float(gscale[2 * s]), b = half_to_float(gscale[2 * s + 1]);
+          const v16 lane_hi = v16{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+          sc = splat(a) + (b - a) * lane_hi;
+        }
+        x[2 * s] = lookup16(h.lut, idx & 15) * sc;
+        x[2 * s + 1] = lookup16(h.lut, idx >> 4) * sc;
+      }
+    }
+  }
+}
+
+// n <= 16 per-token scales of consecutive slots (times the format's factor); 1 for others.
+inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
+  if (!h.per_token_scale()) return splat(1.0f);
+  const c10::Half* s = h.scale + head * h.slots + slot;
+  if (n == TILE) return from_f16(s) * h.factor;
+  v16 out{};
+  for (int j = 0; j < n; ++j) out[j] = half_to_float(s[j]) * h.factor;
+  return out;
+}
+
+template <int NC, int R>
+void run_decode(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
+                const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int bs,
+                float scale, Partial* part) {
+  constexpr int D = 16 * NC;
+  const int b = it.seq;
+  const int64_t tok0 = q_start[b] + it.q0;
+  const int64_t n_new = q_start[b + 1] - q_start[b];
+  const int64_t pos = ctx_len[b] - n_new + it.q0;
+  const int64_t keys = pos + 1;
+  const int64_t tiles_per_block = (bs + TILE - 1) / TILE;
+  const int64_t ntiles = (keys + bs - 1) / bs * tiles_per_block;
+  const int64_t per = (ntiles + nsplit - 1) / nsplit;
+  const int64_t t_begin = it.split * per, t_end = std::min(ntiles, t_begin + per);
+  const int64_t head = it.head;
+  const int64_t kdd = K.fmt == LUT4 ? D / 2 : D, vdd = V.fmt == LUT4 ? D / 2 : D;
+
+  v16 qv[R][NC], acc[R][NC];
+  float m[R], l[R];
+  for (int r = 0; r < R; ++r) {
+    const float* qr = q + tok0 * H * D + (head * R + r) * D;
+    for (int c = 0; c < NC; ++c) qv[r][c] = load16(qr + 16 * c);
+    if (K.fmt == LUT4)
+      for (int s = 0; s < NC / 2; ++s) {
+        const v16 a = qv[r][2 * s], b2 = qv[r][2 * s + 1];
+        qv[r][2 * s] = __builtin_shufflevector(a, b2, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        qv[r][2 * s + 1] = __builtin_shufflevector(a, b2, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+      }
+    for (int c = 0; c < NC; ++c) acc[r][c] = v16{};
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+  }
+  v16 lane;
+  for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
+
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t bi = t / tiles_per_block;
+    const int off = (int)((t % tiles_per_block) * TILE);
+    const int64_t key0 = bi * bs + off;
+    if (key0 > pos) break;
+    const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
+    const int64_t slot = tables[b * nblk + bi] * bs + off;
+    if (t + PREFETCH_TILES < t_end) {
+      const int64_t nt = t + PREFETCH_TILES;
+      const int64_t nbi = nt / tiles_per_block, noff = (nt % tiles_per_block) * TILE;
+      if (nbi * bs + noff <= pos) {
+        const int64_t nslot = tables[b * nblk + nbi] * bs + noff;
+        prefetch_tile(K, head, nslot, TILE, D);
+        prefetch_tile(V, head, nslot, TILE, D);
+      }
+    }
+    const uint8_t* kbase = K.data + (head * K.slots + slot) * kdd * K.elem;
+    const uint8_t* vbase = V.data + (head * V.slots + slot) * vdd * V.elem;
+    const c10::Half* kgs = K.fmt == LUT4 ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
+    const c10::Half* vgs = V.fmt == LUT4 ? V.scale + (head * V.slots + slot) * V.groups : nullptr;
+    // Scores: per key, its row converted once, dotted with the R queries.
+    v16 part_dot[R][TILE];
+    for (int j = 0; j < n; ++j) {
+      v16 kc[NC];
+      load_row<NC>(K, kbase + j * kdd * K.elem, kgs ? kgs + j * K.groups : nullptr, kc);
+      for (int r = 0; r < R; ++r) {
+        v16 d = qv[r][0] * kc[0];
+        for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
+        part_dot[r][j] = d;
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = n; j < TILE; ++j) part_dot[r][j] = v16{};
+    const v16 km = token_scales(K, head, slot, n) * scale;
+    const v16 vm = token_scales(V, head, slot, n);
+    alignas(64) float p[R][TILE];
+    for (int r = 0; r < R; ++r) {
+      v16 s = reduce16(part_dot[r]) * km;
+      s = lane < (float)n ? s : splat(-INFINITY);
+      const float mn = std::max(m[r], hmax(s));
+      const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
+      const v16 e = vexp(s - mn);
+      l[r] = l[r] * corr + hsum(e);
+      m[r] = mn;
+      store16(p[r], e * vm);
+      for (int c = 0; c < NC; ++c) acc[r][c] *= corr;
+    }
+    // Values: per key, its row converted once, added to the R accumulators.
+    for (int j = 0; j < n; ++j) {
+      v16 vc[NC];
+      load_row<NC>(V, vbase + j * vdd * V.elem, vgs ? vgs + j * V.groups : nullptr, vc);
+      for (int r = 0; r < R; ++r) {
+        const float pj = p[r][j];
+        for (int c = 0; c < NC; ++c) acc[r][c] += pj * vc[c];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (V.fmt == LUT4)  // back from nibble order
+      for (int s = 0; s < NC / 2; ++s) {
+        const v16 ev = acc[r][2 * s], od = acc[r][2 * s + 1];
+        acc[r][2 * s] = __builtin_shufflevector(ev, od, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        acc[r][2 * s + 1] = __builtin_shufflevector(ev, od, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      }
+    if (part) {
+      part->m[r] = m[r];
+      part->l[r] = l[r];
+      for (int c = 0; c < NC; ++c) store16(part->acc + r * D + 16 * c, acc[r][c]);
+      continue;
+    }
+    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+    float* dst = out + tok0 * H * D + (head * R + r) * D;
+    for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[r][c] * inv);
+  }
+}
+
+// The decode path applies: one query, at most 4 heads per kv head, no per-channel halves.
+inline bool decode_path(const Item& it, int G, int D, const Half& K, const Half& V) {
+  if (it.nq != 1 || G > 4 || K.fmt == PC4 || V.fmt == PC4) return false;
+  return (K.fmt != LUT4 && V.fmt != LUT4) || D % 32 == 0;
+}
+
+template <int NC>
+void run_decode_g(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
+                  const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
+                  int bs, float scale, Partial* part) {
+  switch (G) {
+    case 1: return run_decode<NC, 1>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    case 2: return run_decode<NC, 2>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    case 3: return run_decode<NC, 3>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    default: return run_decode<NC, 4>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+  }
+}
+
 void run_item(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
               const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
               int D, int bs, float scale, Partial* part) {
+  if (decode_path(it, G, D, K, V)) {
+    switch (D) {
+      case 16: return run_decode_g<1>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+      case 32: return run_decode_g<2>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+      case 64: return run_decode_g<4>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+      case 128: return run_decode_g<8>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+      default: return run_decode_g<16>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+    }
+  }
   const int b = it.seq;
   const int rows = G * it.nq;
   const int64_t tok0 = q_start[b] + it.q0;
@@ -309,6 +516,7 @@ Half make_half(const at::Tensor& data, const c10::optional<at::Tensor>& scale,
     h.row_of = row_of->data_ptr<int64_t>();
   }
   if (lut.numel() == 16) std::memcpy(&h.lut, lut.data_ptr<float>(), sizeof h.lut);
+  if (fmt == LUT4) h.gsize = (int)(data.size(2) * 2 / h.groups);
   return h;
 }
 

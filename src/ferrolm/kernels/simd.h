@@ -192,9 +192,13 @@ inline v16 from_f16(const void* p) {
   return f16_bits_to_f32(h);
 }
 inline v16 from_bf16(const void* p) {
+#if defined(__AVX512F__)
+  return bits<v16>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p))), 16));
+#else
   u16x16 h;
   std::memcpy(&h, p, sizeof h);
   return (v16)(__builtin_convertvector(h, u32x16) << 16);
+#endif
 }
 // 16 fp32 -> bf16 bit patterns, rounded to nearest even (finite inputs), as torch rounds.
 inline u16x16 to_bf16(v16 v) {
@@ -245,17 +249,25 @@ inline float half_to_float(c10::Half h) {
 }
 // E4M3 s.eeee.mmm placed as fp16 s.0eeee.mmm0000000 is the value / 256, subnormals too.
 inline v16 from_e4m3(const void* p) {
+#if defined(__AVX2__)  // gcc's generic byte widening comes out as unpack sequences
+  i16x16 x = bits<i16x16>(_mm256_cvtepi8_epi16(_mm_loadu_si128(static_cast<const __m128i*>(p)))) << 7;
+#else
   i8x16 q;
   std::memcpy(&q, p, sizeof q);
   i16x16 x = __builtin_convertvector(q, i16x16) << 7;
+#endif
   x &= (int16_t)-0x4001;
   return f16_bits_to_f32(x);
 }
 // E5M2 is the high byte of fp16.
 inline v16 from_e5m2(const void* p) {
+#if defined(__AVX2__)
+  u16x16 x = bits<u16x16>(_mm256_cvtepu8_epi16(_mm_loadu_si128(static_cast<const __m128i*>(p)))) << 8;
+#else
   u8x16 q;
   std::memcpy(&q, p, sizeof q);
   u16x16 x = __builtin_convertvector(q, u16x16) << 8;
+#endif
   return f16_bits_to_f32((i16x16)x);
 }
 // Eight bytes of two nibbles each -> 16 table indices (low nibble first).

@@ -57,3 +57,15 @@ def test_silu_mul_matches_the_reference(dtype, T, inter):
     # fp32: the polynomial exp's few ulp; bf16: at most one bf16 step where the silu's rounding differs
     tol = 1e-5 if dtype == torch.float32 else 8e-3
     torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_argmax_rows_matches_torch_ties_and_nan():
+    from ferrolm.models.layer_ops import argmax_rows
+
+    x = torch.randn(7, 1000)
+    x[1, 10] = x[1, 900] = 50.0  # a tie: the first index
+    x[2, 999] = 60.0  # in the tail past the last full vector
+    x[3, 5] = float("nan")  # torch ranks NaN highest
+    x[4] = float("-inf")
+    x[5, 0] = 70.0
+    torch.testing.assert_close(argmax_rows(x), x.argmax(-1), rtol=0, atol=0)

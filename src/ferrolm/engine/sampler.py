@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ferrolm.engine.sequence import Sequence
+from ferrolm.models.layer_ops import argmax_rows
 
 LOGIT_LIMIT = 1e30  # / MIN_TEMPERATURE (1e-5) = 1e35, still finite in fp32
 
@@ -73,7 +74,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
         logits = logits.clone()
         for i, row in penalized.items():
             logits[i] = row
-    greedy_ids = logits.argmax(-1).tolist()
+    greedy_ids = argmax_rows(logits).tolist()
     tokens: list[int] = []
     logprobs: list[dict[int, float] | None] = []
     for i, seq in enumerate(seqs):

@@ -127,6 +127,54 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Index of each row's largest value, the first one on ties (torch.argmax's answer); a row
+// with a NaN gets -1 (the caller asks torch, which ranks NaN highest). Two passes over a
+// row of the logits: the max, then its first position (the row is in L2 by then).
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "logits: fp32 [B, V]");
+  const at::Tensor x = logits.contiguous();
+  const int64_t B = x.size(0), V = x.size(1), V16 = V / 16 * 16;
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const float* row = xp + b * V;
+      v16 mx = splat(-INFINITY);
+      i32x16 nanm{};
+      for (int64_t j = 0; j < V16; j += 16) {
+        const v16 v = load16(row + j);
+        nanm |= (v != v);
+        mx = v > mx ? v : mx;
+      }
+      float m = hmax(mx);
+      bool nan = false;
+      for (int k = 0; k < 16; ++k) nan |= nanm[k] != 0;
+      for (int64_t j = V16; j < V; ++j) {
+        nan |= row[j] != row[j];
+        m = std::max(m, row[j]);
+      }
+      int64_t at = -1;
+      if (!nan) {
+        int64_t j = 0;
+        for (; j < V16; j += 16) {  // the first vector holding the max, then its lane
+          const i32x16 eq = load16(row + j) == m;
+          bool any = false;
+          for (int k = 0; k < 16; ++k) any |= eq[k] != 0;
+          if (any) break;
+        }
+        for (; j < V; ++j)
+          if (row[j] == m) {
+            at = j;
+            break;
+          }
+      }
+      op[b] = at;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 namespace ferrolm {
@@ -142,10 +190,12 @@ TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps, bool bf16_out) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("argmax_rows(Tensor logits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);
   m.impl("silu_mul", &silu_mul);
+  m.impl("argmax_rows", &argmax_rows);
 }

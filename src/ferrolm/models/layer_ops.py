@@ -57,3 +57,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if build.load() and gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2:
         return torch.ops.ferrolm_cpu.silu_mul(gate_up)
     return silu_mul_reference(gate_up)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> each row's argmax (int64), the first index on ties, as torch.argmax."""
+    if build.load() and logits.dtype == torch.float32 and logits.dim() == 2 and logits.device.type == "cpu":
+        ids = torch.ops.ferrolm_cpu.argmax_rows(logits)
+        bad = ids < 0  # a row with a NaN: torch ranks NaN highest
+        if bool(bad.any()):
+            ids[bad] = logits[bad].argmax(-1)
+        return ids
+    return logits.argmax(-1)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.integration
 def test_prefix_cache_hit_equals_miss(default_model_path, dtype):
     """Two chats share the template's system prompt: the second reuses its cached blocks."""
     params = SamplingParams(temperature=0.0, max_tokens=12)
-    kw = dict(dtype="float32", kv_cache_dtype=dtype.value, kv_cache_memory_gb=0.1)
+    # blocks of 16: the two chats share a 24-token system prompt (the default 128 caches none)
+    kw = dict(dtype="float32", kv_cache_dtype=dtype.value, kv_cache_memory_gb=0.1, block_size=16)
     miss = LLM(str(default_model_path), enable_prefix_caching=False, **kw)
     chats = [
         miss.tokenizer.apply_chat_template([{"role": "user", "content": q}])

@@ -8,7 +8,7 @@ from ferrolm.kv.dtypes import KvCacheDtype
 def test_defaults():
     cfg = EngineConfig()
     assert cfg.kv_cache.dtype is KvCacheDtype.FP16
-    assert cfg.kv_cache.block_size == 16 and cfg.kv_cache.memory_gb == 2
+    assert cfg.kv_cache.block_size is None and cfg.kv_cache.memory_gb == 2  # 128, or 16 (per-channel)
     assert cfg.model.name == "smollm2-135m"
 
 
@@ -53,3 +53,13 @@ def test_bad_values_are_rejected_with_reasons(tmp_path):
         EngineConfig.load(bad)
     with pytest.raises(FileNotFoundError):
         EngineConfig.load(tmp_path / "missing.yaml")
+
+
+def test_block_size_default_depends_on_the_format():
+    from ferrolm.kv.spec import KvSpec
+
+    kv = EngineConfig().kv_cache
+    assert kv.resolved_block_size(KvSpec.parse("int8", 2)) == 128
+    assert kv.resolved_block_size(KvSpec.parse("int4pc/int4", 2)) == 16  # fp16 staging grows with blocks
+    chosen = EngineConfig().with_flags({"block_size": 32}, ENGINE_FLAGS).kv_cache
+    assert chosen.resolved_block_size(KvSpec.parse("int8", 2)) == 32

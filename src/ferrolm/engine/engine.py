@@ -40,23 +40,22 @@ class LLMEngine:
         kv = config.kv_cache
         self.kv_spec = kv.spec(mcfg.num_layers)
         self.backend = select_backend(kv.attention_backend, self.kv_spec)
+        bs = kv.resolved_block_size(self.kv_spec)
         sched = config.scheduler
         # Per-channel formats stage the blocks written in a step, and the blocks still being
         # filled from the step before, in fp16 until they are full.
-        staging_rows = sched.max_num_batched_tokens // kv.block_size + 2 * sched.max_num_seqs + 1
+        staging_rows = sched.max_num_batched_tokens // bs + 2 * sched.max_num_seqs + 1
         num_blocks = kv.num_blocks or num_blocks_for_budget(
             kv.memory_gb,
             self.kv_spec,
             mcfg.num_layers,
             mcfg.num_kv_heads,
             mcfg.head_dim,
-            kv.block_size,
+            bs,
             staging_rows,
         )
         if num_blocks < 1 and self.kv_spec.staged:
-            staged = staging_bytes(
-                self.kv_spec, mcfg.num_kv_heads, mcfg.head_dim, kv.block_size, staging_rows
-            )
+            staged = staging_bytes(self.kv_spec, mcfg.num_kv_heads, mcfg.head_dim, bs, staging_rows)
             raise ValueError(
                 f"the KV budget ({kv.memory_gb} GiB) holds no block once the fp16 staging rows of the "
                 f"per-channel format ({staged / 2**20:.0f} MiB for {staging_rows} blocks being filled) are "
@@ -68,11 +67,11 @@ class LLMEngine:
             mcfg.num_kv_heads,
             mcfg.head_dim,
             num_blocks,
-            kv.block_size,
+            bs,
             self.model.device,
             staging_rows=staging_rows,
         )
-        self.blocks = BlockManager(num_blocks, kv.block_size, kv.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, bs, kv.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(self.model, self.pool, self.backend)
         self.requests: dict[str, Request] = {}
@@ -92,7 +91,7 @@ class LLMEngine:
             self.backend.name,
             self.pool.capacity_tokens,
             num_blocks,
-            kv.block_size,
+            bs,
         )
 
     # --- requests ------------------------------------------------------------

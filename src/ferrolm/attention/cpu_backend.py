@@ -78,7 +78,8 @@ class CpuBackend:
             return build.failure()
         return None
 
-    def _tables(self, fmt: KvFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, fmt: KvFormat) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LUT4 nibble values, codebook midpoints) of a format, as the kernels take them."""
         if fmt not in self._luts:
             self._luts[fmt] = (_lut(fmt), _mids(fmt))
         return self._luts[fmt]
@@ -97,12 +98,12 @@ class CpuBackend:
                 half.scale,
                 format_code(half.fmt),
                 qmax,
-                self._tables(half.fmt)[1],
+                self.tables(half.fmt)[1],
                 int(half.fmt.rotated),
             )
 
     def _half_args(self, half: HalfCache):
-        return (half.data, half.scale, half.staging, format_code(half.fmt), self._tables(half.fmt)[0])
+        return (half.data, half.scale, half.staging, format_code(half.fmt), self.tables(half.fmt)[0])
 
     def attend(
         self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float

@@ -32,7 +32,7 @@ def _linear_parts(layer: nn.Module | None) -> tuple[list[torch.Tensor], torch.Te
 
 
 def _half_args(backend: CpuBackend, half: HalfCache) -> list:
-    lut, mids = backend._tables(half.fmt)
+    lut, mids = backend.tables(half.fmt)
     return [
         half.data,
         half.scale,

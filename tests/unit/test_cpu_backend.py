@@ -175,3 +175,11 @@ def test_avx2_build_matches_the_reference(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(tmp_path.glob("kernels/*/*.so")), "the AVX2 build did not happen"
+
+
+def test_a_failed_build_names_the_compilers_first_error():
+    from ferrolm.kernels.build import _first_error
+
+    log = "[1/4] c++ ...\n/k/quant_linear.cpp:380:29: error: no match for 'operator-'\nninja: build stopped: subcommand failed."
+    assert _first_error(log) == "/k/quant_linear.cpp:380:29: error: no match for 'operator-'"
+    assert _first_error("ninja: build stopped") == "ninja: build stopped"

@@ -75,14 +75,18 @@ def load() -> bool:
         try:
             _build()
         except Exception as e:  # a failed build must not stop the engine: the torch backend serves
-            why = (
-                f"the build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-            )
+            why = f"the build failed: {_first_error(str(e)) or type(e).__name__}"
     if why is not None:
         log.warning("compiled CPU attention unavailable (%s); using the torch backend", why)
     _state["ok"] = why is None
     _state["why"] = why
     return why is None
+
+
+def _first_error(text: str) -> str:
+    """The compiler's first error line (ninja's own last line says only that it stopped)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return next((ln for ln in lines if "error:" in ln), lines[-1] if lines else "")
 
 
 def failure() -> str | None:
@@ -97,9 +101,7 @@ def _build() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     fresh = not any(directory.glob("*.so"))
     if fresh:
-        log.info(
-            "building the compiled CPU attention kernels for this CPU (once, about 10 s) in %s", directory
-        )
+        log.info("building the compiled CPU kernels for this CPU (once, about 20 s) in %s", directory)
     t0 = time.perf_counter()
     cpp_load(
         name=name,
@@ -111,4 +113,4 @@ def _build() -> None:
         verbose=False,
     )
     if fresh:
-        log.info("built the compiled CPU attention kernels in %.1f s", time.perf_counter() - t0)
+        log.info("built the compiled CPU kernels in %.1f s", time.perf_counter() - t0)

@@ -121,7 +121,7 @@ void convert_stage(const Half& h, int64_t head, int64_t block, int off, int n, i
 
 // x @ H (orthonormal Sylvester Hadamard) in place: the butterflies of hadamard.fwht in the
 // same order, then one multiply, so both backends produce identical values.
-inline void fwht(float* x, int64_t n) {
+inline void fwht_scalar(float* x, int64_t n) {
   for (int64_t h = 1; h < n; h *= 2)
     for (int64_t i = 0; i < n; i += 2 * h)
       for (int64_t j = i; j < i + h; ++j) {
@@ -131,6 +131,42 @@ inline void fwht(float* x, int64_t n) {
       }
   const float s = (float)(1.0 / std::sqrt((double)n));
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+// One butterfly stage of distance H < 16 inside a vector: lane i pairs with lane i ^ H; the
+// lower lane gets a + b, the upper a - b, the very operations of the scalar stage.
+template <int H>
+inline v16 butterfly_in_vector(v16 x) {
+  v16 partner;
+  if constexpr (H == 1) partner = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  if constexpr (H == 2) partner = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  if constexpr (H == 4) partner = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  if constexpr (H == 8) partner = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  i32x16 upper;
+  for (int i = 0; i < 16; ++i) upper[i] = (i & H) ? -1 : 0;
+  return upper ? partner - x : x + partner;
+}
+
+inline void fwht(float* x, int64_t n) {
+  if (n % 16 || n > 256) return fwht_scalar(x, n);
+  v16 v[16];
+  const int64_t nv = n / 16;
+  for (int64_t c = 0; c < nv; ++c) {
+    v16 t = load16(x + 16 * c);
+    t = butterfly_in_vector<1>(t);
+    t = butterfly_in_vector<2>(t);
+    t = butterfly_in_vector<4>(t);
+    v[c] = butterfly_in_vector<8>(t);
+  }
+  for (int64_t h = 1; h < nv; h *= 2)
+    for (int64_t i = 0; i < nv; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const v16 a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+  const float s = (float)(1.0 / std::sqrt((double)n));
+  for (int64_t c = 0; c < nv; ++c) store16(x + 16 * c, v[c] * s);
 }
 
 struct Item {

@@ -686,9 +686,16 @@ void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor&
         case F32:
           std::memcpy(dst, src, D * sizeof(float));
           continue;
-        case F16:
-          for (int64_t c = 0; c < D; ++c) reinterpret_cast<c10::Half*>(dst)[c] = c10::Half(src[c]);
+        case F16: {
+          int64_t c = 0;
+#if defined(__AVX512F__)  // round to nearest even, as c10::Half: the same bytes, 16 at a time
+          for (; c + 16 <= D; c += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * c),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT));
+#endif
+          for (; c < D; ++c) reinterpret_cast<c10::Half*>(dst)[c] = c10::Half(src[c]);
           continue;
+        }
         case BF16:
           for (int64_t c = 0; c < D; ++c) reinterpret_cast<c10::BFloat16*>(dst)[c] = c10::BFloat16(src[c]);
           continue;

@@ -3,8 +3,9 @@
 import pytest
 import torch
 from conftest import sotu_text
+from recording import run_recording_logits
 
-from ferrolm import LLM, SamplingParams
+from ferrolm import LLM
 
 pytestmark = pytest.mark.integration
 DECODE_STEPS = 32
@@ -13,29 +14,6 @@ DECODE_STEPS = 32
 @pytest.fixture(scope="module")
 def llm(default_model_path):
     return LLM(str(default_model_path), dtype="float32", kv_cache_dtype="fp32", kv_cache_memory_gb=0.5)
-
-
-def run_recording_logits(llm, prompts, steps):
-    """Greedy-decode `steps` tokens per prompt as one batch; logits of every computed position."""
-    eng = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        eng.add_request(rid, p, params)
-    seqs = [eng.requests[rid].seqs[0] for rid in ids]
-    logits = {s.seq_id: [] for s in seqs}
-    while eng.has_unfinished():
-        batch = eng.scheduler.schedule()
-        out = eng.runner.execute(batch, all_logits=True)
-        rows = torch.split(out, [item.num_new_tokens for item in batch])
-        for item, r in zip(batch, rows):
-            logits[item.seq.seq_id].append(r)
-            item.seq.num_computed += item.num_new_tokens
-            if item.seq.num_computed == item.seq.num_tokens:
-                eng._append_token(item.seq, int(r[-1].argmax()), None)
-    for rid in ids:
-        del eng.requests[rid]
-    return [(s.token_ids, torch.cat(logits[s.seq_id])) for s in seqs]
 
 
 def check_against_hf(hf, token_ids, logits, num_prompt):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from recording import run_recording_logits
 
 from ferrolm import LLM, SamplingParams
 from ferrolm.kernels import build
@@ -9,27 +10,6 @@ from ferrolm.kv.spec import spec_flags
 from ferrolm.models.decoder_plan import why_not
 
 pytestmark = pytest.mark.skipif(not build.load(), reason="compiled kernels unavailable here")
-
-
-def _all_logits(llm, prompts, steps):
-    """Greedy-decode `steps` tokens per prompt as one batch; every computed position's logits."""
-    eng = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        eng.add_request(rid, p, params)
-    rows = []
-    while eng.has_unfinished():
-        batch = eng.scheduler.schedule()
-        out = eng.runner.execute(batch, all_logits=True)
-        rows.append(out)
-        for item, r in zip(batch, torch.split(out, [i.num_new_tokens for i in batch])):
-            item.seq.num_computed += item.num_new_tokens
-            if item.seq.num_computed == item.seq.num_tokens:
-                eng._append_token(item.seq, int(r[-1].argmax()), None)
-    for rid in ids:
-        del eng.requests[rid]
-    return torch.cat(rows)
 
 
 @pytest.mark.parametrize(
@@ -57,10 +37,12 @@ def test_compiled_loop_equals_the_python_layers(tiny_model_dir, kv, dtype):
     )
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 9)]
     assert llm.engine.runner.plan is not None
-    compiled = _all_logits(llm, prompts, 6)
+    compiled = run_recording_logits(llm, prompts, 6)
     llm.engine.runner.plan = None  # the Python layers
-    python = _all_logits(llm, prompts, 6)
-    assert torch.equal(compiled, python)
+    python = run_recording_logits(llm, prompts, 6)
+    for (ids_c, logits_c), (ids_p, logits_p) in zip(compiled, python):
+        assert ids_c == ids_p
+        assert torch.equal(logits_c, logits_p)
 
 
 def test_formats_with_staging_rows_run_the_python_layers(tiny_model_dir):

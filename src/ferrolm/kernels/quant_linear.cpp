@@ -251,6 +251,16 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Every kernel here uses eight full tiles (16 rows x 64 bytes); once per worker thread.
+inline void load_full_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
 // x [M, K] bf16 -> per 32-k block kb and 16-row group mt a tile of 16 rows x 16 pairs:
 // row r, column c = (x[16 mt + c][32 kb + 2r], x[16 mt + c][32 kb + 2r + 1]); zeros past M.
 void prepare_xt(const uint16_t* x, int64_t M, int64_t K, int64_t MT, std::vector<uint32_t>& xt) {
@@ -323,12 +333,7 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   at::Tensor out = at::empty({M, N}, x.options());
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo, int64_t hi) {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
-      cfg.colsb[t] = 64;
-      cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    load_full_tiles();
     alignas(64) float cbuf[4 * 256];
     for (int64_t nt = lo; nt < hi; ++nt) {
       with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf); });
@@ -416,12 +421,7 @@ at::Tensor q8_linear_amx(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   at::Tensor out = at::empty({M, N}, xf.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo_t, int64_t hi_t) {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
-      cfg.colsb[t] = 64;
-      cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    load_full_tiles();
     std::vector<uint16_t> a(16 * K);
     std::vector<float> dsc(K / 32 * 16);
     for (int64_t nt = lo_t; nt < hi_t; ++nt) amx_q8_strip(w, xh, xl, M, nt * 16, N, a.data(), dsc.data(), o);

@@ -32,6 +32,22 @@ struct Half {
   bool per_token_scale() const { return fmt == I8 || fmt == E4M3 || fmt == E5M2; }
 };
 
+// Calls f(std::integral_constant<int, NC>) for NC = head_dim / 16 in {1, 2, 4, 8, 16}: the
+// compile-time vector count of the register-blocked code.
+template <class F>
+inline decltype(auto) with_nc(int D, F&& f) {
+  switch (D) {
+    case 16: return f(std::integral_constant<int, 1>{});
+    case 32: return f(std::integral_constant<int, 2>{});
+    case 64: return f(std::integral_constant<int, 4>{});
+    case 128: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 16>{});
+  }
+}
+
+template <int NC>
+inline void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x);
+
 // n <= 16 tokens of one head starting at `slot` (consecutive slots of one block) -> fp32
 // rows buf[n][D]; per-token multipliers (folded scales; 1 when the values are scaled
 // already) into mul[0..n). Rows n..15 are zero and their multipliers 0.
@@ -43,22 +59,16 @@ void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, fl
     float* dst = buf + j * D;
     switch (h.fmt) {
       case F32:
-        std::memcpy(dst, src, D * sizeof(float));
-        break;
       case F16:
-        for (int c = 0; c < D; c += 16) store16(dst + c, from_f16(src + 2 * c));
-        break;
       case BF16:
-        for (int c = 0; c < D; c += 16) store16(dst + c, from_bf16(src + 2 * c));
-        break;
       case I8:
-        for (int c = 0; c < D; c += 16) store16(dst + c, from_i8(src + c));
-        break;
       case E4M3:
-        for (int c = 0; c < D; c += 16) store16(dst + c, from_e4m3(src + c));
-        break;
-      case E5M2:
-        for (int c = 0; c < D; c += 16) store16(dst + c, from_e5m2(src + c));
+      case E5M2:  // the decode path's row conversion (no group scales for these)
+        with_nc(D, [&](auto NC) {
+          v16 x[NC()];
+          load_row<NC()>(h, src, nullptr, x);
+          for (int c = 0; c < NC(); ++c) store16(dst + 16 * c, x[c]);
+        });
         break;
       case LUT4: {
         const c10::Half* s = h.scale + (head * h.slots + slot + j) * h.groups;
@@ -380,13 +390,9 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
               const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
               int D, int bs, float scale, Partial* part) {
   if (decode_path(it, G, D, K, V)) {
-    switch (D) {
-      case 16: return run_decode_g<1>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
-      case 32: return run_decode_g<2>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
-      case 64: return run_decode_g<4>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
-      case 128: return run_decode_g<8>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
-      default: return run_decode_g<16>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
-    }
+    return with_nc(D, [&](auto NC) {
+      run_decode_g<NC()>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+    });
   }
   const int b = it.seq;
   const int rows = G * it.nq;
@@ -417,7 +423,6 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
   float* vmul_own = kmul_own + TILE;
   float* p = vmul_own + TILE;  // [rows][TILE]
   float* corr = p + (size_t)rows * TILE;
-  const int NC = D / 16;
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
   std::fill(acc, acc + (size_t)rows * D, 0.0f);
@@ -470,8 +475,7 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
           continue;
         }
         const float* qr = q + (tok0 + qi) * H * D + (kv_head * G + g) * D;
-        v16 s = NC == 1 ? tile_scores<1>(qr, kb) : NC == 2 ? tile_scores<2>(qr, kb) : NC == 4 ? tile_scores<4>(qr, kb)
-              : NC == 8 ? tile_scores<8>(qr, kb) : tile_scores<16>(qr, kb);
+        v16 s = with_nc(D, [&](auto C) { return tile_scores<C()>(qr, kb); });
         s = s * km;
         s = lane < (float)valid ? s : splat(-INFINITY);
         const float mn = std::max(m[r], hmax(s));
@@ -483,25 +487,13 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
       }
     }
     if (!any_own_v) {
-      switch (NC) {
-        case 1: tile_pv_rows<1>(acc, p, corr, vbuf, n, rows); break;
-        case 2: tile_pv_rows<2>(acc, p, corr, vbuf, n, rows); break;
-        case 4: tile_pv_rows<4>(acc, p, corr, vbuf, n, rows); break;
-        case 8: tile_pv_rows<8>(acc, p, corr, vbuf, n, rows); break;
-        default: tile_pv_rows<16>(acc, p, corr, vbuf, n, rows); break;
-      }
+      with_nc(D, [&](auto C) { tile_pv_rows<C()>(acc, p, corr, vbuf, n, rows); });
     } else {
       for (int qi = 0; qi < it.nq; ++qi) {
         const bool own = own_here && (first_pos + qi) / bs == bi;
         const float* vb = own ? vown : vbuf;
         const int r0 = qi * G;
-        switch (NC) {
-          case 1: tile_pv_rows<1>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
-          case 2: tile_pv_rows<2>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
-          case 4: tile_pv_rows<4>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
-          case 8: tile_pv_rows<8>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
-          default: tile_pv_rows<16>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); break;
-        }
+        with_nc(D, [&](auto C) { tile_pv_rows<C()>(acc + r0 * D, p + r0 * TILE, corr + r0, vb, n, G); });
       }
     }
   }

@@ -48,8 +48,8 @@ def why_not(model, pool: KvPool, backend) -> str | None:
     """Why the compiled layer loop cannot run this model on this pool (None: it can)."""
     if not isinstance(backend, CpuBackend):
         return f"the {getattr(backend, 'name', backend)} attention backend"
-    if backend.unsupported(pool.spec) is not None:
-        return backend.unsupported(pool.spec)
+    if (unsupported := backend.unsupported(pool.spec)) is not None:
+        return unsupported
     if pool.head_dim not in KERNEL_HEAD_DIMS:
         return f"head_dim {pool.head_dim}"
     if any(h.staging is not None for h in (*pool.keys, *pool.values)):

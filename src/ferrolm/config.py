@@ -33,6 +33,7 @@ class ModelConfig(_Part):
     weight_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
     max_logprobs: int = Field(default=20, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("dtype", "weight_dtype", mode="before")
     @classmethod
@@ -228,6 +229,11 @@ ENGINE_FLAGS: dict[str, Flag] = {
         "Weights: auto (GGUF Q4_0/Q4_1 linear layers stay 4-bit as shipped, the rest in the compute "
         "dtype), float32 or bfloat16 (every weight dequantized to that dtype, which the layers then compute in).",
     ),
+    "device": Flag(
+        "model",
+        "device",
+        "Where the model and the KV cache live: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda.",
+    ),
     "max_model_len": Flag("model", "max_model_len", "Longest prompt + completion [default: the model's]."),
     "max_logprobs": Flag("model", "max_logprobs", "Most logprobs a request may ask for per token."),
     "kv_cache_dtype": Flag(
@@ -248,7 +254,8 @@ ENGINE_FLAGS: dict[str, Flag] = {
     "attention_backend": Flag(
         "kv_cache",
         "attention_backend",
-        "Attention backend: auto (the compiled CPU kernels where they build, else torch), cpu or torch.",
+        "Attention backend: auto (on a CPU the compiled kernels where they build, on CUDA the Triton "
+        "kernels, else torch), cpu, triton or torch.",
     ),
     "kv_cache_memory_gb": Flag("kv_cache", "memory_gb", "KV cache budget in GiB."),
     "kv_cache_num_blocks": Flag("kv_cache", "num_blocks", "Explicit KV block count (overrides the budget)."),

@@ -56,9 +56,23 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """'auto' -> bf16 where the CPU has native bf16, else fp32; or the named dtype."""
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when torch sees a GPU, else the CPU; 'cuda' without one is an error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ValueError(f"device cuda: torch {torch.__version__} ({built}) sees no CUDA device")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_compute_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """'auto' -> bf16 on CUDA and where the CPU has native bf16, else fp32; or the named dtype."""
     if name == "auto":
+        if torch.device(device).type == "cuda":
+            return torch.bfloat16
         return torch.bfloat16 if native_bf16() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 

@@ -126,6 +126,6 @@ def test_decodes_and_prefills_form_separate_groups():
 def test_unknown_backend_is_rejected_with_the_choices():
     from ferrolm.attention import select_backend
 
-    with pytest.raises(ValueError, match="valid: auto, cpu, torch"):
+    with pytest.raises(ValueError, match="valid: auto, cpu, triton, torch"):
         select_backend("cuda-magic", KvSpec.build(2, "fp16"))
     assert select_backend("torch", KvSpec.build(2, "int8/int4")).name == "torch"

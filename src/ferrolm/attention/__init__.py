@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+import torch
+
 from ferrolm.attention.backend import AttentionBackend
 from ferrolm.attention.cpu_backend import CpuBackend
 from ferrolm.attention.layer import PagedAttention, StepContext, paged_attention
 from ferrolm.attention.metadata import AttentionGroup, AttentionMetadata
 from ferrolm.attention.torch_backend import TorchBackend
+from ferrolm.attention.triton_backend import TritonBackend
 from ferrolm.kv.spec import KvSpec
 
-# "auto" takes the first that can run the spec: the compiled kernels where they build,
-# else the torch reference.
-BACKENDS: dict[str, type] = {"cpu": CpuBackend, "torch": TorchBackend}
+# "auto" takes the first that runs on the device and can run the spec: on a CPU the
+# compiled kernels where they build, on CUDA the Triton kernels; else the torch reference.
+BACKENDS: dict[str, type] = {"cpu": CpuBackend, "triton": TritonBackend, "torch": TorchBackend}
 
 
-def select_backend(name: str, spec: KvSpec) -> AttentionBackend:
-    """'auto': the first backend that supports the spec; or the named one (an error says why
-    it cannot run the spec, or lists the valid names)."""
+def _why_not(backend, spec: KvSpec, device: torch.device) -> str | None:
+    if not backend.supports_device(device):
+        return f"it does not run on {device.type} tensors"
+    if device.type != "cpu" and spec.staged:
+        return "per-channel formats (int4pc) keep their staging bookkeeping on the CPU"
+    return backend.unsupported(spec)
+
+
+def select_backend(name: str, spec: KvSpec, device: torch.device | str = "cpu") -> AttentionBackend:
+    """'auto': the first backend that runs on `device` and supports the spec; or the named
+    one (an error says why it cannot, or lists the valid names)."""
+    device = torch.device(device)
     if name == "auto":
+        reasons = []
         for cls in BACKENDS.values():
             backend = cls()
-            if backend.unsupported(spec) is None:
+            why = _why_not(backend, spec, device)
+            if why is None:
                 return backend
-        raise ValueError(f"no attention backend supports the KV spec {spec.describe()}")
+            reasons.append(f"{backend.name}: {why}")
+        raise ValueError(
+            f"no attention backend runs the KV spec {spec.describe()} on {device.type} ({'; '.join(reasons)})"
+        )
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     backend = BACKENDS[name]()
-    why = backend.unsupported(spec)
+    why = _why_not(backend, spec, device)
     if why:
-        raise ValueError(f"attention backend {name} cannot run the KV spec {spec.describe()}: {why}")
+        raise ValueError(
+            f"attention backend {name} cannot run the KV spec {spec.describe()} on {device.type}: {why}"
+        )
     return backend
 
 
@@ -40,6 +59,7 @@ __all__ = [
     "PagedAttention",
     "StepContext",
     "TorchBackend",
+    "TritonBackend",
     "paged_attention",
     "select_backend",
 ]

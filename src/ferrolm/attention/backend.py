@@ -21,6 +21,9 @@ from ferrolm.kv.spec import KvSpec
 class AttentionBackend(Protocol):
     name: str
 
+    def supports_device(self, device: torch.device) -> bool:
+        """Whether it runs on tensors of this device."""
+
     def unsupported(self, spec: KvSpec) -> str | None:
         """Why this backend cannot run `spec` (None: it can)."""
 

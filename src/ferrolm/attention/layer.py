@@ -70,5 +70,5 @@ def paged_attention(
     """One layer's attention as a function (tests, tools)."""
     from ferrolm.attention import select_backend
 
-    ctx = StepContext(pool, backend or select_backend("auto", pool.spec), meta)
+    ctx = StepContext(pool, backend or select_backend("auto", pool.spec, q.device), meta)
     return PagedAttention(layer, scale)(q, k, v, ctx)

@@ -19,7 +19,7 @@ from ferrolm.kv.blocks import BlockManager, blocks_needed
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget, staging_bytes
 from ferrolm.models.loader import load_model
 from ferrolm.models.registry import resolve_model
-from ferrolm.runtime import resolve_compute_dtype, tune_allocator
+from ferrolm.runtime import resolve_compute_dtype, resolve_device, tune_allocator
 from ferrolm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ferrolm")
@@ -31,15 +31,18 @@ class LLMEngine:
         self.config = config
         path = resolve_model(config.model.name)
         wd = config.model.weight_dtype
-        self.compute_dtype = resolve_compute_dtype(config.model.dtype if wd == "auto" else wd)
-        self.model = load_model(path, self.compute_dtype, "auto" if wd == "auto" else "dense")
+        self.device = resolve_device(config.model.device)
+        self.compute_dtype = resolve_compute_dtype(config.model.dtype if wd == "auto" else wd, self.device)
+        # 4-bit weights as shipped run on the compiled CPU kernels; on CUDA they are dequantized.
+        keep = wd == "auto" and self.device.type == "cpu"
+        self.model = load_model(path, self.compute_dtype, "auto" if keep else "dense", self.device)
         self.weights = self.model.weights_description()
         mcfg = self.model.config
         self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
         kv = config.kv_cache
         self.kv_spec = kv.spec(mcfg.num_layers)
-        self.backend = select_backend(kv.attention_backend, self.kv_spec)
+        self.backend = select_backend(kv.attention_backend, self.kv_spec, self.device)
         bs = kv.resolved_block_size(self.kv_spec)
         sched = config.scheduler
         # Per-channel formats stage the blocks written in a step, and the blocks still being
@@ -79,9 +82,10 @@ class LLMEngine:
         self.num_prompt_tokens = 0  # counters for metrics: tokens of added prompts ...
         self.num_generation_tokens = 0  # ... and tokens sampled
         log.info(
-            "model %s | weights %s | compute %s (%s, CPU %s) | KV %s | %d bytes/token | attention %s | "
+            "model %s on %s | weights %s | compute %s (%s, CPU %s) | KV %s | %d bytes/token | attention %s | "
             "cache holds %d tokens (%d blocks of %d)",
             config.model.name,
+            self.device,
             self.weights,
             str(self.compute_dtype).removeprefix("torch."),
             config.model.dtype,

@@ -83,7 +83,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             token = greedy_ids[i]
         else:
             row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-            token = int(torch.multinomial(row.softmax(-1), 1, generator=seq.generator))
+            # The request's generator is a CPU one (seeded, reproducible on any device).
+            token = int(torch.multinomial(row.softmax(-1).cpu(), 1, generator=seq.generator))
         tokens.append(token)
         if p.logprobs is not None:
             lp = logits[i].log_softmax(-1)

@@ -1,6 +1,6 @@
 """The small per-layer ops of a decoder step: residual add + RMSNorm, RoPE in place, SwiGLU.
 
-Compiled (kernels/layer_ops.cpp) where the kernels build: each call replaces 8-12 eager
+Compiled (kernels/layer_ops.cpp) for CPU tensors where the kernels build: each call replaces 8-12 eager
 torch ops, whose dispatch cost outweighed their arithmetic at small batches. The torch
 versions below are the reference and the fallback; both compute in fp32.
 """
@@ -25,7 +25,12 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """x (the fp32 residual stream [T, H]) += delta in place; returns RMSNorm(x) * weight in
     out_dtype (fp32 or bf16)."""
-    if build.load() and out_dtype in (torch.float32, torch.bfloat16) and weight.dtype == torch.float32:
+    if (
+        x.is_cpu
+        and build.load()
+        and out_dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == torch.float32
+    ):
         return torch.ops.ferrolm_cpu.add_rms_norm(x, delta, weight, eps, out_dtype == torch.bfloat16)
     return add_rms_norm_reference(x, delta, weight, eps, out_dtype)
 
@@ -41,7 +46,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE in place: x [T, heads, D] (fp32 or bf16, contiguous), cos/sin fp32 [T, D]."""
-    if build.load() and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
+    if x.is_cpu and build.load() and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
         torch.ops.ferrolm_cpu.rope_(x, cos, sin)
         return x
     return rope_reference(x, cos, sin)
@@ -54,7 +59,12 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate then up) -> silu(gate) * up [T, I], in gate_up's dtype."""
-    if build.load() and gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.dim() == 2:
+    if (
+        gate_up.is_cpu
+        and build.load()
+        and gate_up.dtype in (torch.float32, torch.bfloat16)
+        and gate_up.dim() == 2
+    ):
         return torch.ops.ferrolm_cpu.silu_mul(gate_up)
     return silu_mul_reference(gate_up)
 

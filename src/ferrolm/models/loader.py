@@ -24,7 +24,7 @@ from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, 
 KEPT_QUANT = ("Q4_0", "Q4_1")
 
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
-_CACHE: OrderedDict[tuple[str, torch.dtype, str], LlamaModel] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, torch.dtype, str, str], LlamaModel] = OrderedDict()
 _CACHE_SIZE = 2
 
 _GGUF_NAMES = {
@@ -45,11 +45,20 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, weights: str = "dense") -> LlamaModel:
-    """Load (or reuse) a model from a .gguf file or a safetensors folder. weights "auto":
-    GGUF Q4_0/Q4_1 linear layers stay 4-bit (Q4Linear); "dense": every weight in `dtype`."""
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    weights: str = "dense",
+    device: torch.device | str = "cpu",
+) -> LlamaModel:
+    """Load (or reuse) a model from a .gguf file or a safetensors folder onto `device`.
+    weights "auto": GGUF Q4_0/Q4_1 linear layers stay 4-bit (Q4Linear, CPU only); "dense":
+    every weight in `dtype`."""
     path = Path(path).resolve()
-    key = (str(path), dtype, weights)
+    device = torch.device(device)
+    if weights == "auto" and device.type != "cpu":
+        raise ValueError("4-bit weights as shipped run on the CPU only; load them dense on " + str(device))
+    key = (str(path), dtype, weights, str(device))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
@@ -61,7 +70,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, weights: st
         raise FileNotFoundError(
             f"model path {path} is neither a .gguf file nor a folder with config.json and safetensors"
         )
-    model = build_model(cfg, tensors, dtype)
+    model = build_model(cfg, tensors, dtype, device)
     _CACHE[key] = model
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -69,7 +78,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, weights: st
 
 
 def build_model(
-    cfg: LlamaConfig, weights: dict[str, torch.Tensor | Q4Weight], dtype: torch.dtype
+    cfg: LlamaConfig,
+    weights: dict[str, torch.Tensor | Q4Weight],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
 ) -> LlamaModel:
     weights = {k.removeprefix("model."): v for k, v in weights.items()}
     if "lm_head.weight" not in weights:
@@ -93,7 +105,8 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to_compute_dtype(dtype)
     model.inv_freq = rope_inv_freq(cfg)  # meta buffers hold no data; frequencies stay fp32
-    return model.eval().requires_grad_(False).fuse_projections()
+    # Moved before the projections are merged: the merged weights are made where they run.
+    return model.to(device).eval().requires_grad_(False).fuse_projections()
 
 
 # --- GGUF --------------------------------------------------------------------

@@ -1,0 +1,259 @@
+"""The Triton attention backend: every KV format on NVIDIA GPUs (kernels/triton_kv.py).
+
+One store launch per layer writes a step's new K and V in their stored formats; one
+attention launch (two when the context is split) reads the paged cache in place. The
+pool, the block tables and the formats are the CPU's, byte for byte. Runs on CUDA
+tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests). Rotated formats are
+rotated by the attention layer (attention/layer.py), as for the torch reference.
+Per-channel halves (int4pc) need the pool's fp16 staging bookkeeping and stay with the
+torch backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ferrolm.attention.metadata import AttentionMetadata
+from ferrolm.kv.dtypes import KvFormat
+from ferrolm.kv.pool import HalfCache, KvPool
+from ferrolm.kv.spec import KvSpec
+
+_PLAIN = (torch.float32, torch.float16, torch.bfloat16)
+_TOKEN = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+_DUMMY: dict[torch.device, torch.Tensor] = {}
+
+
+@functools.cache
+def triton_missing() -> str | None:
+    """Why Triton kernels cannot run here (None: they can)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the triton package is not installed"
+    return None
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _interpreter_compat() -> None:
+    """Triton 3.6's interpreter turns a loop bound into an int with int(array) on a
+    one-element array, which NumPy >= 2.4 refuses; take the element instead. Interpreter
+    only: compiled kernels never reach this code."""
+    from triton.runtime import interpreter as it
+
+    original = it._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    it._patch_lang_tensor = patched
+
+
+def format_kind(fmt: KvFormat) -> int | None:
+    """kernels/triton_kv.py's kind of a format (None: the kernels cannot store or read it)."""
+    if fmt.per_channel_block:
+        return None
+    if not fmt.scaled:
+        return 0 if fmt.pack == 1 and fmt.storage in _PLAIN else None
+    if fmt.scale_dtype != torch.float16:
+        return None
+    if fmt.pack == 1 and fmt.group_size is None and fmt.storage in _TOKEN:
+        return 1
+    if fmt.pack == 2 and fmt.storage == torch.uint8 and fmt.group_size and fmt.group_size % 2 == 0:
+        if fmt.codebook is not None:
+            return 3 if len(fmt.codebook) == 16 else None
+        return 2 if fmt.rounds and fmt.qmax == 7.0 else None
+    return None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class TritonBackend:
+    name = "triton"
+    devices = ("cuda",)
+
+    def __init__(self, splits: int | None = None) -> None:
+        # `splits`: force the number of context splits (tests); None picks by occupancy.
+        self.force_splits = splits
+        if interpreted() and triton_missing() is None:
+            _interpreter_compat()
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def supports_device(self, device: torch.device | str) -> bool:
+        kind = torch.device(device).type
+        return kind == "cuda" or (kind == "cpu" and interpreted())
+
+    def unsupported(self, spec: KvSpec) -> str | None:
+        if (why := triton_missing()) is not None:
+            return why
+        for lk in spec.layers:
+            for fmt in (lk.key, lk.value):
+                if format_kind(fmt) is None:
+                    what = "per-channel blocks with fp16 staging" if fmt.per_channel_block else "its layout"
+                    return f"the Triton kernels do not read {fmt.name} ({what}); the torch backend does"
+        return None
+
+    def _aux(self, fmt: KvFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codebook levels, midpoints between them) for nf4-like formats, else placeholders;
+        the midpoints computed as KvFormat.quantize computes them."""
+        key = (fmt.codebook, device)
+        if key not in self._tables:
+            if fmt.codebook is None:
+                dummy = torch.zeros(16, dtype=torch.float32, device=device)
+                self._tables[key] = (dummy, dummy)
+            else:
+                levels = torch.tensor(fmt.codebook, device=device)
+                mids = ((levels[1:] + levels[:-1]) / 2).float().contiguous()
+                self._tables[key] = (levels.float().contiguous(), mids)
+        return self._tables[key]
+
+    @staticmethod
+    def _scale(half: HalfCache) -> torch.Tensor:
+        if half.scale is not None:
+            return half.scale
+        dev = half.data.device
+        if dev not in _DUMMY:
+            _DUMMY[dev] = torch.zeros(1, dtype=torch.float16, device=dev)
+        return _DUMMY[dev]
+
+    def write(self, pool: KvPool, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        from ferrolm.kernels.triton_kv import store_kv_kernel
+
+        T, H, D = k.shape
+        if T == 0:
+            return
+        kh, vh = pool.keys[layer], pool.values[layer]
+        k = k.contiguous()
+        v = v.to(k.dtype).contiguous()
+        ks, vs = self._scale(kh), self._scale(vh)
+        store_kv_kernel[(T, H, 2)](
+            k,
+            v,
+            slots,
+            kh.data,
+            ks,
+            vh.data,
+            vs,
+            self._aux(kh.fmt, k.device)[1],
+            self._aux(vh.fmt, k.device)[1],
+            k.stride(0),
+            k.stride(1),
+            kh.data.stride(0),
+            ks.stride(0) if kh.scale is not None else 0,
+            vh.data.stride(0),
+            vs.stride(0) if vh.scale is not None else 0,
+            D=D,
+            K_KIND=format_kind(kh.fmt),
+            K_GS=kh.fmt.group_size or D,
+            K_QMAX=float(kh.fmt.qmax or 0.0),
+            K_ROUNDS=bool(kh.fmt.rounds),
+            V_KIND=format_kind(vh.fmt),
+            V_GS=vh.fmt.group_size or D,
+            V_QMAX=float(vh.fmt.qmax or 0.0),
+            V_ROUNDS=bool(vh.fmt.rounds),
+            SOFT=interpreted(),
+        )
+
+    def _splits(self, programs: int, max_ctx: int, device: torch.device) -> int:
+        if self.force_splits is not None:
+            return self.force_splits
+        if device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = -(-2 * sms // max(programs, 1))
+        return max(1, min(_pow2(want), 32, _pow2(max(1, max_ctx // 512))))
+
+    def attend(
+        self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        from ferrolm.kernels.triton_kv import combine_kernel, paged_attention_kernel
+
+        T, H, D = q.shape
+        kh, vh = pool.keys[layer], pool.values[layer]
+        KVH = kh.data.shape[0]
+        G = H // KVH
+        GP = _pow2(G)
+        B = meta.block_tables.shape[0]
+        max_q = max(meta.num_new)
+        # At least 16 rows (the tensor cores' smallest tile): decodes pad the G heads of one
+        # query to 16 rows; prefill tiles stack 64 rows of queries x heads.
+        BLOCK_M = max(1, (16 if max_q == 1 else 64) // GP)
+        m_tiles = _cdiv(max_q, BLOCK_M)
+        max_ctx = max(s + n for s, n in zip(meta.starts, meta.num_new))
+        BLOCK_N = 64 if D <= 128 else 32
+        splits = self._splits(B * m_tiles * KVH, max_ctx, q.device)
+        keys_per_split = _cdiv(_cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+        R = BLOCK_M * GP
+        if splits > 1:
+            part = torch.empty((B * m_tiles * KVH * splits * R, D), dtype=torch.float32, device=q.device)
+            ml = torch.empty((B * m_tiles * KVH * splits * R, 2), dtype=torch.float32, device=q.device)
+        else:
+            part = ml = out
+        q = q.contiguous()
+        import triton.language as tl
+
+        # The dot's input type: one that holds the stored values exactly (fp16 holds every
+        # fp16, int8, fp8 and 4-bit code; bf16 caches need bf16, fp32 ones fp32).
+        stored = (kh.fmt.storage, vh.fmt.storage)
+        dt = (
+            tl.float32 if torch.float32 in stored else tl.bfloat16 if torch.bfloat16 in stored else tl.float16
+        )
+        if dt == tl.bfloat16 and interpreted():  # the interpreter's bf16 dot reads the bits as integers
+            dt = tl.float32
+        ks, vs = self._scale(kh), self._scale(vh)
+        common = dict(G=G, GP=GP, BLOCK_M=BLOCK_M, D=D)
+        paged_attention_kernel[(B * m_tiles, KVH, splits)](
+            q,
+            out,
+            kh.data,
+            ks,
+            vh.data,
+            vs,
+            self._aux(kh.fmt, q.device)[0],
+            self._aux(vh.fmt, q.device)[0],
+            meta.block_tables,
+            meta.q_start,
+            meta.ctx_len,
+            part,
+            ml,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            kh.data.stride(0),
+            ks.stride(0) if kh.scale is not None else 0,
+            vh.data.stride(0),
+            vs.stride(0) if vh.scale is not None else 0,
+            meta.block_tables.stride(0),
+            m_tiles,
+            keys_per_split,
+            scale * 1.4426950408889634,  # log2(e): the kernel's softmax uses exp2
+            BLOCK_N=BLOCK_N,
+            BS=pool.block_size,
+            K_KIND=format_kind(kh.fmt),
+            K_GS=kh.fmt.group_size or D,
+            V_KIND=format_kind(vh.fmt),
+            V_GS=vh.fmt.group_size or D,
+            SPLITS=splits,
+            DT=dt,
+            **common,
+        )
+        if splits > 1:
+            combine_kernel[(B * m_tiles, KVH)](
+                out, part, ml, meta.q_start, out.stride(0), out.stride(1), m_tiles, SPLITS=splits, **common
+            )
+        return out.view(T, H * D)

@@ -1,0 +1,371 @@
+"""Triton kernels for the paged KV cache: quantize-on-write and paged attention.
+
+Both read and write the pool's layout as it is (kernels/../kv/pool.py): per layer and
+half, data [kv_heads, slots, data_dim] in the format's storage dtype and, for scaled
+formats, fp16 scales [kv_heads, slots, groups]; slot = block * block_size + offset. So
+the bytes on a GPU are the bytes on a CPU, for every format the kernels read:
+
+  kind 0  plain casts (fp32, fp16, bf16): the stored value is the value
+  kind 1  one scale per token and kv head (int8, fp8 e4m3, fp8 e5m2): code * scale
+  kind 2  4-bit groups (int4, int4_g16): (nibble - 8) * group scale
+  kind 3  4-bit codebook groups (nf4): levels[nibble] * group scale
+
+The store kernel computes what KvFormat.quantize computes, in the same order with
+correctly rounded division and round-half-to-even, so it stores the same bytes as the
+torch reference (tests check them byte for byte). fp8 codes are converted by Triton's
+own casts (the GPU's native conversion on Hopper).
+
+The attention kernel is a FlashAttention-style loop over one sequence's keys for one
+kv head and a tile of queries, the G query heads of that kv head stacked as rows
+(GQA: every K/V tile is read once for all of them). Each K/V tile is gathered through
+the block table and dequantized in registers; per-token key scales multiply the scores
+(the dot runs on the exact codes); softmax is online in fp32 with exp2. Decodes with
+few sequences split the context across programs (flash-decoding) and a second kernel
+combines the partial softmaxes. Causal masking uses each query's position, so the same
+kernel serves decode, prefill and chunked prefill over a cached prefix.
+
+Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (the CPU test suite).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MIN_SCALE = 2.0**-14
+FP16_MAX = 65504.0
+NEG = -1.0e30  # masked score: finite, so a fully masked tile gives exp2(NEG - m) = 0, not NaN
+
+
+@triton.jit
+def _round_even(x):
+    # fp32 round-half-to-even for |x| < 2^22 (torch.round), by the 1.5 * 2^23 trick: the
+    # addition rounds to an integer in the fp32 unit; no fast-math folds it away.
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _exact_cast(x, ty: tl.constexpr, SOFT: tl.constexpr):
+    """x.to(ty), rounding to nearest even. With SOFT (the interpreter, whose bf16 casts
+    truncate and whose fp8 casts drop the carry into the exponent), x is first rounded in
+    fp32 to a value of `ty`, so the cast itself is exact. Compiled kernels use the GPU's
+    own conversions."""
+    if SOFT:
+        if ty == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        elif ty == tl.float8e4nv or ty == tl.float8e5:
+            MANT: tl.constexpr = 3 if ty == tl.float8e4nv else 2
+            EMIN: tl.constexpr = -6 if ty == tl.float8e4nv else -14
+            e = ((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+            e = tl.maximum(e, EMIN) - MANT  # the code's step: 2^e (subnormals: the smallest)
+            step = ((e + 127) << 23).to(tl.float32, bitcast=True)
+            inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+            x = _round_even(x * inv) * step
+    return x.to(ty)
+
+
+@triton.jit
+def _store_one(
+    x_ptr,
+    data_ptr,
+    scale_ptr,
+    mids_ptr,
+    slot,
+    KIND: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    QMAX: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    SOFT: tl.constexpr,
+):
+    d = tl.arange(0, D)
+    x = tl.load(x_ptr + d).to(tl.float32)
+    if KIND == 0:
+        tl.store(data_ptr + slot * D + d, _exact_cast(x, data_ptr.dtype.element_ty, SOFT))
+    elif KIND == 1:
+        amax = tl.max(tl.abs(x), axis=0)
+        s = tl.minimum(tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE), FP16_MAX).to(tl.float16)
+        q = tl.math.div_rn(x, s.to(tl.float32))
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        if ROUNDS:
+            q = _round_even(q)
+        tl.store(data_ptr + slot * D + d, _exact_cast(q, data_ptr.dtype.element_ty, SOFT))
+        tl.store(scale_ptr + slot, s)
+    else:
+        NG: tl.constexpr = D // GS
+        x2 = tl.reshape(x, (NG, GS))
+        amax = tl.max(tl.abs(x2), axis=1)
+        s = tl.minimum(tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE), FP16_MAX).to(tl.float16)
+        q = tl.math.div_rn(x2, s.to(tl.float32)[:, None])
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+        if KIND == 2:
+            u = (_round_even(q) + 8.0).to(tl.int32)
+        else:  # the nearest level's index: how many midpoints lie below q (torch.bucketize)
+            u = tl.zeros((NG, GS), dtype=tl.int32)
+            for i in tl.static_range(15):
+                u += (q > tl.load(mids_ptr + i)).to(tl.int32)
+        lo, hi = tl.split(tl.reshape(u, (D // 2, 2)))
+        tl.store(data_ptr + slot * (D // 2) + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8))
+        tl.store(scale_ptr + slot * NG + tl.arange(0, NG), s)
+
+
+@triton.jit
+def store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    kd_ptr,
+    ks_ptr,
+    vd_ptr,
+    vs_ptr,
+    kmids_ptr,
+    vmids_ptr,
+    x_stride_t,
+    x_stride_h,
+    kd_stride_h,
+    ks_stride_h,
+    vd_stride_h,
+    vs_stride_h,
+    D: tl.constexpr,
+    K_KIND: tl.constexpr,
+    K_GS: tl.constexpr,
+    K_QMAX: tl.constexpr,
+    K_ROUNDS: tl.constexpr,
+    V_KIND: tl.constexpr,
+    V_GS: tl.constexpr,
+    V_QMAX: tl.constexpr,
+    V_ROUNDS: tl.constexpr,
+    SOFT: tl.constexpr,
+):
+    """One program per (new token, kv head, K or V): quantize one vector into its slot."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    x_off = t.to(tl.int64) * x_stride_t + h * x_stride_h
+    if tl.program_id(2) == 0:
+        _store_one(
+            k_ptr + x_off,
+            kd_ptr + h * kd_stride_h,
+            ks_ptr + h * ks_stride_h,
+            kmids_ptr,
+            slot,
+            K_KIND,
+            D,
+            K_GS,
+            K_QMAX,
+            K_ROUNDS,
+            SOFT,
+        )
+    else:
+        _store_one(
+            v_ptr + x_off,
+            vd_ptr + h * vd_stride_h,
+            vs_ptr + h * vs_stride_h,
+            vmids_ptr,
+            slot,
+            V_KIND,
+            D,
+            V_GS,
+            V_QMAX,
+            V_ROUNDS,
+            SOFT,
+        )
+
+
+@triton.jit
+def _load_tile(
+    data_ptr,
+    scale_ptr,
+    levels_ptr,
+    slot,
+    valid,
+    KIND: tl.constexpr,
+    D: tl.constexpr,
+    GS: tl.constexpr,
+    FOLD: tl.constexpr,
+):
+    """[N] slots -> fp32 [N, D] values; with FOLD, kind 1 returns the codes unscaled (the
+    caller multiplies the scores by the per-token scale)."""
+    if KIND < 2:
+        d = tl.arange(0, D)
+        x = tl.load(data_ptr + slot[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if KIND == 1 and not FOLD:
+            s = tl.load(scale_ptr + slot, mask=valid, other=0.0).to(tl.float32)
+            x = x * s[:, None]
+    else:
+        half = tl.arange(0, D // 2)
+        byte = tl.load(data_ptr + slot[:, None] * (D // 2) + half[None, :], mask=valid[:, None], other=0)
+        byte = byte.to(tl.int32)
+        codes = tl.interleave(byte & 15, byte >> 4)  # element 2j in the low nibble, 2j + 1 high
+        if KIND == 2:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+            x = (codes - 8).to(tl.float32)
+        else:
+            x = tl.load(levels_ptr + codes)
+        d = tl.arange(0, D)
+        s = tl.load(
+            scale_ptr + slot[:, None] * (D // GS) + (d // GS)[None, :], mask=valid[:, None], other=0.0
+        )
+        x = x * s.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr):
+    if DT == tl.float32:  # noqa: SIM300
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr,
+    o_ptr,
+    kd_ptr,
+    ks_ptr,
+    vd_ptr,
+    vs_ptr,
+    klev_ptr,
+    vlev_ptr,
+    tables_ptr,
+    q_start_ptr,
+    ctx_len_ptr,
+    part_ptr,
+    ml_ptr,
+    q_stride_t,
+    q_stride_h,
+    o_stride_t,
+    o_stride_h,
+    kd_stride_h,
+    ks_stride_h,
+    vd_stride_h,
+    vs_stride_h,
+    tables_stride,
+    m_tiles,
+    keys_per_split,
+    qk_scale,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    K_KIND: tl.constexpr,
+    K_GS: tl.constexpr,
+    V_KIND: tl.constexpr,
+    V_GS: tl.constexpr,
+    SPLITS: tl.constexpr,
+    DT: tl.constexpr,
+):
+    """Program (sequence b and query tile, kv head, context split). Rows r = m * GP + g:
+    query m of the tile, query head kvh * G + g (GP = G rounded up to a power of 2)."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid // m_tiles
+    mt = pid % m_tiles
+    q0 = tl.load(q_start_ptr + b)
+    nq = tl.load(q_start_ptr + b + 1) - q0
+    if mt * BLOCK_M >= nq:
+        return
+    ctx = tl.load(ctx_len_ptr + b)
+    R: tl.constexpr = BLOCK_M * GP
+    r = tl.arange(0, R)
+    tok = mt * BLOCK_M + r // GP
+    g = r % GP
+    row_ok = (tok < nq) & (g < G)
+    head = kvh * G + g
+    qpos = ctx - nq + tok  # each query's position: it sees keys 0..qpos
+    d = tl.arange(0, D)
+    q_rows = (q0 + tok).to(tl.int64) * q_stride_t + head * q_stride_h
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+
+    last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: 0..last-1
+    lo = split * keys_per_split
+    hi = tl.minimum(last, lo + keys_per_split)
+    m_i = tl.full((R,), NEG, tl.float32)
+    l_i = tl.zeros((R,), tl.float32)
+    acc = tl.zeros((R, D), tl.float32)
+    kd = kd_ptr + kvh.to(tl.int64) * kd_stride_h
+    ks = ks_ptr + kvh.to(tl.int64) * ks_stride_h
+    vd = vd_ptr + kvh.to(tl.int64) * vd_stride_h
+    vs = vs_ptr + kvh.to(tl.int64) * vs_stride_h
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < hi
+        blk = tl.load(tables_ptr + b * tables_stride + n // BS, mask=valid, other=0)
+        slot = blk.to(tl.int64) * BS + n % BS
+        k = _load_tile(kd, ks, klev_ptr, slot, valid, K_KIND, D, K_GS, True)
+        s = _dot(q, tl.trans(k), DT)
+        if K_KIND == 1:  # q . (s_k k_q) = s_k (q . k_q)
+            s = s * tl.load(ks + slot, mask=valid, other=0.0).to(tl.float32)[None, :]
+        s = s * qk_scale
+        mask = valid[None, :] & (n[None, :] <= qpos[:, None])
+        s = tl.where(mask, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_tile(vd, vs, vlev_ptr, slot, valid, V_KIND, D, V_GS, False)
+        acc = acc * alpha[:, None] + _dot(p, v, DT)
+        m_i = m_new
+
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        o_rows = (q0 + tok).to(tl.int64) * o_stride_t + head * o_stride_h
+        tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        base = ((pid * tl.num_programs(1) + kvh) * SPLITS + split).to(tl.int64) * R
+        tl.store(part_ptr + (base + r)[:, None] * D + d[None, :], acc)
+        tl.store(ml_ptr + (base + r) * 2, m_i)
+        tl.store(ml_ptr + (base + r) * 2 + 1, l_i)
+
+
+@triton.jit
+def combine_kernel(
+    o_ptr,
+    part_ptr,
+    ml_ptr,
+    q_start_ptr,
+    o_stride_t,
+    o_stride_h,
+    m_tiles,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """Merge the context splits' partial softmaxes of one (sequence and tile, kv head)."""
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = pid // m_tiles
+    mt = pid % m_tiles
+    q0 = tl.load(q_start_ptr + b)
+    nq = tl.load(q_start_ptr + b + 1) - q0
+    if mt * BLOCK_M >= nq:
+        return
+    R: tl.constexpr = BLOCK_M * GP
+    r = tl.arange(0, R)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    rows = ((pid * tl.num_programs(1) + kvh) * SPLITS + sp[:, None]).to(tl.int64) * R + r[None, :]  # [S, R]
+    m = tl.load(ml_ptr + rows * 2)
+    l_part = tl.load(ml_ptr + rows * 2 + 1)
+    m_all = tl.max(m, axis=0)  # [R]
+    w = tl.exp2(m - m_all[None, :])  # splits that saw no key of a row have l = 0 and acc = 0
+    l_all = tl.sum(l_part * w, axis=0)
+    out = tl.zeros((R, D), tl.float32)
+    for i in tl.static_range(SPLITS):
+        base = ((pid * tl.num_programs(1) + kvh) * SPLITS + i).to(tl.int64) * R
+        part = tl.load(part_ptr + (base + r)[:, None] * D + d[None, :])
+        wi = tl.sum(tl.where(sp[:, None] == i, w, 0.0), axis=0)
+        out += part * wi[:, None]
+    out = out / l_all[:, None]
+    tok = mt * BLOCK_M + r // GP
+    g = r % GP
+    row_ok = (tok < nq) & (g < G)
+    o_rows = (q0 + tok).to(tl.int64) * o_stride_t + (kvh * G + g) * o_stride_h
+    tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

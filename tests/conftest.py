@@ -13,6 +13,12 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helpers (serving.py) impor
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. Triton reads
+# this when it is first imported (its own library functions are compiled or interpreted
+# from then on), so it is set here, before any test module can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(
     vocab_size=384,
     hidden_size=128,

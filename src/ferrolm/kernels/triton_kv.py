@@ -58,11 +58,13 @@ def _exact_cast(x, ty: tl.constexpr, SOFT: tl.constexpr):
         elif ty == tl.float8e4nv or ty == tl.float8e5:
             MANT: tl.constexpr = 3 if ty == tl.float8e4nv else 2
             EMIN: tl.constexpr = -6 if ty == tl.float8e4nv else -14
-            e = ((x.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+            bits = x.to(tl.uint32, bitcast=True)
+            e = ((bits >> 23) & 0xFF).to(tl.int32) - 127
             e = tl.maximum(e, EMIN) - MANT  # the code's step: 2^e (subnormals: the smallest)
             step = ((e + 127) << 23).to(tl.float32, bitcast=True)
             inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
-            x = _round_even(x * inv) * step
+            r = _round_even(tl.abs(x) * inv) * step  # the sign put back: -tiny rounds to -0
+            x = (r.to(tl.uint32, bitcast=True) | (bits & 0x80000000)).to(tl.float32, bitcast=True)
     return x.to(ty)
 
 

@@ -17,12 +17,16 @@ from ferrolm.kv.spec import KvSpec
 BACKENDS: dict[str, type] = {"cpu": CpuBackend, "triton": TritonBackend, "torch": TorchBackend}
 
 
-def _why_not(backend, spec: KvSpec, device: torch.device) -> str | None:
-    if not backend.supports_device(device):
-        return f"it does not run on {device.type} tensors"
+def _make(cls: type, spec: KvSpec, device: torch.device) -> tuple[AttentionBackend | None, str | None]:
+    """(the backend, None), or (None, why it cannot run the spec on the device). The device
+    is asked of the class first: the CPU backend builds its kernels when made."""
+    if not cls.supports_device(device):
+        return None, f"it does not run on {device.type} tensors"
     if device.type != "cpu" and spec.staged:
-        return "per-channel formats (int4pc) keep their staging bookkeeping on the CPU"
-    return backend.unsupported(spec)
+        return None, "per-channel formats (int4pc) keep their staging bookkeeping on the CPU"
+    backend = cls()
+    why = backend.unsupported(spec)
+    return (None, why) if why else (backend, None)
 
 
 def select_backend(name: str, spec: KvSpec, device: torch.device | str = "cpu") -> AttentionBackend:
@@ -31,19 +35,17 @@ def select_backend(name: str, spec: KvSpec, device: torch.device | str = "cpu") 
     device = torch.device(device)
     if name == "auto":
         reasons = []
-        for cls in BACKENDS.values():
-            backend = cls()
-            why = _why_not(backend, spec, device)
-            if why is None:
+        for key, cls in BACKENDS.items():
+            backend, why = _make(cls, spec, device)
+            if backend is not None:
                 return backend
-            reasons.append(f"{backend.name}: {why}")
+            reasons.append(f"{key}: {why}")
         raise ValueError(
             f"no attention backend runs the KV spec {spec.describe()} on {device.type} ({'; '.join(reasons)})"
         )
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
-    backend = BACKENDS[name]()
-    why = _why_not(backend, spec, device)
+    backend, why = _make(BACKENDS[name], spec, device)
     if why:
         raise ValueError(
             f"attention backend {name} cannot run the KV spec {spec.describe()} on {device.type}: {why}"

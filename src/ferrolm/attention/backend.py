@@ -21,7 +21,8 @@ from ferrolm.kv.spec import KvSpec
 class AttentionBackend(Protocol):
     name: str
 
-    def supports_device(self, device: torch.device) -> bool:
+    @classmethod
+    def supports_device(cls, device: torch.device) -> bool:
         """Whether it runs on tensors of this device."""
 
     def unsupported(self, spec: KvSpec) -> str | None:

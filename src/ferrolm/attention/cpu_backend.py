@@ -69,7 +69,8 @@ class CpuBackend:
         self._reference = TorchBackend()  # other head_dims (writes are identical)
         self.available = build.load()  # builds once per machine; unsupported() says why not
 
-    def supports_device(self, device: torch.device | str) -> bool:
+    @classmethod
+    def supports_device(cls, device: torch.device | str) -> bool:
         return torch.device(device).type == "cpu"
 
     def unsupported(self, spec: KvSpec) -> str | None:

@@ -64,7 +64,8 @@ def read(fmt: KvFormat, data: torch.Tensor, scale: torch.Tensor | None):
 class TorchBackend:
     name = "torch"
 
-    def supports_device(self, device: torch.device | str) -> bool:
+    @classmethod
+    def supports_device(cls, device: torch.device | str) -> bool:
         return True  # plain torch ops: any device
 
     def unsupported(self, spec: KvSpec) -> str | None:

@@ -4,7 +4,9 @@ One store launch per layer writes a step's new K and V in their stored formats; 
 attention launch (two when the context is split) reads the paged cache in place. The
 pool, the block tables and the formats are the CPU's, byte for byte. Runs on CUDA
 tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests). Rotated formats are
-rotated by the attention layer (attention/layer.py), as for the torch reference.
+rotated inside the kernels (keys and values before they are quantized, by the reference's
+butterflies; queries and outputs by a product with the Hadamard matrix), so a rotation
+costs no launch of its own.
 Per-channel halves (int4pc) need the pool's fp16 staging bookkeeping and stay with the
 torch backend.
 """
@@ -16,6 +18,7 @@ import os
 
 import torch
 
+from ferrolm.attention.hadamard import hadamard
 from ferrolm.attention.metadata import AttentionMetadata
 from ferrolm.kv.dtypes import KvFormat
 from ferrolm.kv.pool import HalfCache, KvPool
@@ -83,7 +86,7 @@ def _pow2(n: int) -> int:
 
 class TritonBackend:
     name = "triton"
-    devices = ("cuda",)
+    rotates = True  # Hadamard rotations run inside the kernels (attention/layer.py)
 
     def __init__(self, splits: int | None = None) -> None:
         # `splits`: force the number of context splits (tests); None picks by occupancy.
@@ -92,7 +95,8 @@ class TritonBackend:
             _interpreter_compat()
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def supports_device(self, device: torch.device | str) -> bool:
+    @classmethod
+    def supports_device(cls, device: torch.device | str) -> bool:
         kind = torch.device(device).type
         return kind == "cuda" or (kind == "cpu" and interpreted())
 
@@ -118,6 +122,12 @@ class TritonBackend:
                 levels = torch.tensor(fmt.codebook, device=device)
                 mids = ((levels[1:] + levels[:-1]) / 2).float().contiguous()
                 self._tables[key] = (levels.float().contiguous(), mids)
+        return self._tables[key]
+
+    def _hadamard(self, d: int, device: torch.device) -> torch.Tensor:
+        key = ("hadamard", d, device)
+        if key not in self._tables:
+            self._tables[key] = hadamard(d, device).contiguous()
         return self._tables[key]
 
     @staticmethod
@@ -160,10 +170,14 @@ class TritonBackend:
             K_GS=kh.fmt.group_size or D,
             K_QMAX=float(kh.fmt.qmax or 0.0),
             K_ROUNDS=bool(kh.fmt.rounds),
+            K_ROT=kh.fmt.rotated,
             V_KIND=format_kind(vh.fmt),
             V_GS=vh.fmt.group_size or D,
             V_QMAX=float(vh.fmt.qmax or 0.0),
             V_ROUNDS=bool(vh.fmt.rounds),
+            V_ROT=vh.fmt.rotated,
+            LOG2D=D.bit_length() - 1,
+            NORM=1.0 / D**0.5,
             SOFT=interpreted(),
         )
 
@@ -215,6 +229,7 @@ class TritonBackend:
         if dt == tl.bfloat16 and interpreted():  # the interpreter's bf16 dot reads the bits as integers
             dt = tl.float32
         ks, vs = self._scale(kh), self._scale(vh)
+        had = self._hadamard(D, q.device)
         common = dict(G=G, GP=GP, BLOCK_M=BLOCK_M, D=D)
         paged_attention_kernel[(B * m_tiles, KVH, splits)](
             q,
@@ -225,6 +240,7 @@ class TritonBackend:
             vs,
             self._aux(kh.fmt, q.device)[0],
             self._aux(vh.fmt, q.device)[0],
+            had,
             meta.block_tables,
             meta.q_start,
             meta.ctx_len,
@@ -250,10 +266,22 @@ class TritonBackend:
             V_GS=vh.fmt.group_size or D,
             SPLITS=splits,
             DT=dt,
+            Q_ROT=kh.fmt.rotated,
+            O_ROT=vh.fmt.rotated and splits == 1,
             **common,
         )
         if splits > 1:
             combine_kernel[(B * m_tiles, KVH)](
-                out, part, ml, meta.q_start, out.stride(0), out.stride(1), m_tiles, SPLITS=splits, **common
+                out,
+                part,
+                ml,
+                had,
+                meta.q_start,
+                out.stride(0),
+                out.stride(1),
+                m_tiles,
+                SPLITS=splits,
+                O_ROT=vh.fmt.rotated,
+                **common,
             )
         return out.view(T, H * D)

@@ -69,6 +69,20 @@ def _exact_cast(x, ty: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
+def _fwht(x, D: tl.constexpr, LOG2D: tl.constexpr, NORM: tl.constexpr):
+    """x @ hadamard(D) for one fp32 vector, by the butterflies of attention/hadamard.py's
+    fwht: stages h = 1, 2, 4, ... of (a + b, a - b) on pairs h apart, then one multiply by
+    fp32(1 / sqrt(D)). The same operations in the same order: the same fp32 values, so the
+    stored bytes equal the reference's for rotated formats too."""
+    for i in tl.static_range(LOG2D):
+        H: tl.constexpr = 1 << i
+        y = tl.permute(tl.reshape(x, (D // (2 * H), 2, H)), (0, 2, 1))  # [.., h, 2]: pairs last
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
+    return x * NORM
+
+
+@triton.jit
 def _store_one(
     x_ptr,
     data_ptr,
@@ -80,10 +94,15 @@ def _store_one(
     GS: tl.constexpr,
     QMAX: tl.constexpr,
     ROUNDS: tl.constexpr,
+    ROT: tl.constexpr,
+    LOG2D: tl.constexpr,
+    NORM: tl.constexpr,
     SOFT: tl.constexpr,
 ):
     d = tl.arange(0, D)
     x = tl.load(x_ptr + d).to(tl.float32)
+    if ROT:
+        x = _fwht(x, D, LOG2D, NORM)
     if KIND == 0:
         tl.store(data_ptr + slot * D + d, _exact_cast(x, data_ptr.dtype.element_ty, SOFT))
     elif KIND == 1:
@@ -135,10 +154,14 @@ def store_kv_kernel(
     K_GS: tl.constexpr,
     K_QMAX: tl.constexpr,
     K_ROUNDS: tl.constexpr,
+    K_ROT: tl.constexpr,
     V_KIND: tl.constexpr,
     V_GS: tl.constexpr,
     V_QMAX: tl.constexpr,
     V_ROUNDS: tl.constexpr,
+    V_ROT: tl.constexpr,
+    LOG2D: tl.constexpr,
+    NORM: tl.constexpr,
     SOFT: tl.constexpr,
 ):
     """One program per (new token, kv head, K or V): quantize one vector into its slot."""
@@ -158,6 +181,9 @@ def store_kv_kernel(
             K_GS,
             K_QMAX,
             K_ROUNDS,
+            K_ROT,
+            LOG2D,
+            NORM,
             SOFT,
         )
     else:
@@ -172,6 +198,9 @@ def store_kv_kernel(
             V_GS,
             V_QMAX,
             V_ROUNDS,
+            V_ROT,
+            LOG2D,
+            NORM,
             SOFT,
         )
 
@@ -215,6 +244,13 @@ def _load_tile(
 
 
 @triton.jit
+def _hadamard(had_ptr, D: tl.constexpr):
+    """The orthonormal [D, D] Hadamard matrix (symmetric), fp32."""
+    i = tl.arange(0, D)
+    return tl.load(had_ptr + i[:, None] * D + i[None, :])
+
+
+@triton.jit
 def _dot(a, b, DT: tl.constexpr):
     if DT == tl.float32:  # noqa: SIM300
         return tl.dot(a, b, input_precision="ieee")
@@ -231,6 +267,7 @@ def paged_attention_kernel(
     vs_ptr,
     klev_ptr,
     vlev_ptr,
+    had_ptr,
     tables_ptr,
     q_start_ptr,
     ctx_len_ptr,
@@ -260,6 +297,8 @@ def paged_attention_kernel(
     V_GS: tl.constexpr,
     SPLITS: tl.constexpr,
     DT: tl.constexpr,
+    Q_ROT: tl.constexpr,
+    O_ROT: tl.constexpr,
 ):
     """Program (sequence b and query tile, kv head, context split). Rows r = m * GP + g:
     query m of the tile, query head kvh * G + g (GP = G rounded up to a power of 2)."""
@@ -283,6 +322,8 @@ def paged_attention_kernel(
     d = tl.arange(0, D)
     q_rows = (q0 + tok).to(tl.int64) * q_stride_t + head * q_stride_h
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if Q_ROT:  # keys stored rotated: q H . k H = q . k
+        q = _dot(q, _hadamard(had_ptr, D), tl.float32)
 
     last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: 0..last-1
     lo = split * keys_per_split
@@ -316,6 +357,8 @@ def paged_attention_kernel(
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
+        if O_ROT:  # values stored rotated: sum_j p_j v_j H = (sum_j p_j v_j) H
+            out = _dot(out, _hadamard(had_ptr, D), tl.float32)
         o_rows = (q0 + tok).to(tl.int64) * o_stride_t + head * o_stride_h
         tl.store(o_ptr + o_rows[:, None] + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -330,6 +373,7 @@ def combine_kernel(
     o_ptr,
     part_ptr,
     ml_ptr,
+    had_ptr,
     q_start_ptr,
     o_stride_t,
     o_stride_h,
@@ -339,6 +383,7 @@ def combine_kernel(
     BLOCK_M: tl.constexpr,
     D: tl.constexpr,
     SPLITS: tl.constexpr,
+    O_ROT: tl.constexpr,
 ):
     """Merge the context splits' partial softmaxes of one (sequence and tile, kv head)."""
     pid = tl.program_id(0)
@@ -366,6 +411,8 @@ def combine_kernel(
         wi = tl.sum(tl.where(sp[:, None] == i, w, 0.0), axis=0)
         out += part * wi[:, None]
     out = out / l_all[:, None]
+    if O_ROT:
+        out = _dot(out, _hadamard(had_ptr, D), tl.float32)
     tok = mt * BLOCK_M + r // GP
     g = r % GP
     row_ok = (tok < nq) & (g < G)

@@ -71,7 +71,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> each row's argmax (int64), the first index on ties, as torch.argmax."""
-    if build.load() and logits.dtype == torch.float32 and logits.dim() == 2 and logits.device.type == "cpu":
+    if logits.is_cpu and build.load() and logits.dtype == torch.float32 and logits.dim() == 2:
         ids = torch.ops.ferrolm_cpu.argmax_rows(logits)
         bad = ids < 0  # a row with a NaN: torch ranks NaN highest
         if bool(bad.any()):

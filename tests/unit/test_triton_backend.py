@@ -178,6 +178,19 @@ def test_engine_generates_as_the_reference_with_triton_attention(tiny_model_dir)
         assert runs[0] == runs[1], kv
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels above are compiled for it and run")
+def test_kernels_compile_for_hopper():
+    """The kernels compile for sm_90 (the interpreter does not run Triton's compiler)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "triton_aot.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "compiled for .target sm_90a" in done.stdout
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
 def test_cuda_engine_matches_hf(tiny_model_dir, tiny_hf_model):
     """The engine on CUDA (model, pool and step tensors there; Triton attention; fp32

@@ -32,9 +32,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MIN_SCALE = 2.0**-14
-FP16_MAX = 65504.0
-NEG = -1.0e30  # masked score: finite, so a fully masked tile gives exp2(NEG - m) = 0, not NaN
+# Globals a kernel reads must be constexpr objects.
+MIN_SCALE = tl.constexpr(2.0**-14)
+FP16_MAX = tl.constexpr(65504.0)
+NEG = tl.constexpr(-1.0e30)  # masked score: finite, so a fully masked tile gives exp2(NEG - m) = 0
 
 
 @triton.jit
@@ -74,9 +75,8 @@ def _fwht(x, D: tl.constexpr, LOG2D: tl.constexpr, NORM: tl.constexpr):
     fwht: stages h = 1, 2, 4, ... of (a + b, a - b) on pairs h apart, then one multiply by
     fp32(1 / sqrt(D)). The same operations in the same order: the same fp32 values, so the
     stored bytes equal the reference's for rotated formats too."""
-    for i in tl.static_range(LOG2D):
-        H: tl.constexpr = 1 << i
-        y = tl.permute(tl.reshape(x, (D // (2 * H), 2, H)), (0, 2, 1))  # [.., h, 2]: pairs last
+    for i in tl.static_range(LOG2D):  # h = 1 << i (a constexpr may not be reassigned)
+        y = tl.permute(tl.reshape(x, (D >> (i + 1), 2, 1 << i)), (0, 2, 1))  # [.., h, 2]: pairs last
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
     return x * NORM

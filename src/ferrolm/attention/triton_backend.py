@@ -209,7 +209,6 @@ class TritonBackend:
         max_ctx = max(s + n for s, n in zip(meta.starts, meta.num_new))
         BLOCK_N = 64 if D <= 128 else 32
         splits = self._splits(B * m_tiles * KVH, max_ctx, q.device)
-        keys_per_split = _cdiv(_cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         R = BLOCK_M * GP
         if splits > 1:
@@ -256,7 +255,6 @@ class TritonBackend:
             vs.stride(0) if vh.scale is not None else 0,
             meta.block_tables.stride(0),
             m_tiles,
-            keys_per_split,
             scale * 1.4426950408889634,  # log2(e): the kernel's softmax uses exp2
             BLOCK_N=BLOCK_N,
             BS=pool.block_size,

@@ -168,6 +168,8 @@ def store_kv_kernel(
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
+    if slot < 0:  # a padding row (CUDA-graph batches): nothing to store
+        return
     x_off = t.to(tl.int64) * x_stride_t + h * x_stride_h
     if tl.program_id(2) == 0:
         _store_one(
@@ -215,31 +217,33 @@ def _load_tile(
     KIND: tl.constexpr,
     D: tl.constexpr,
     GS: tl.constexpr,
-    FOLD: tl.constexpr,
+    DT: tl.constexpr,
 ):
-    """[N] slots -> fp32 [N, D] values; with FOLD, kind 1 returns the codes unscaled (the
-    caller multiplies the scores by the per-token scale)."""
+    """[N] slots -> [N, D] in the dot's type DT. Kinds 0 and 1 give the stored values (for
+    kind 1 the codes: fp16 holds every int8 and fp8 code, and the caller applies the
+    per-token scale to the scores or the probabilities, [R, N] products instead of
+    [N, D]); 4-bit kinds give code * group scale (in fp16 when DT is: the product rounded
+    once either way)."""
     if KIND < 2:
         d = tl.arange(0, D)
         x = tl.load(data_ptr + slot[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
-        x = x.to(tl.float32)
-        if KIND == 1 and not FOLD:
-            s = tl.load(scale_ptr + slot, mask=valid, other=0.0).to(tl.float32)
-            x = x * s[:, None]
+        x = x.to(DT)
     else:
+        NG: tl.constexpr = D // GS
         half = tl.arange(0, D // 2)
         byte = tl.load(data_ptr + slot[:, None] * (D // 2) + half[None, :], mask=valid[:, None], other=0)
         byte = byte.to(tl.int32)
         codes = tl.interleave(byte & 15, byte >> 4)  # element 2j in the low nibble, 2j + 1 high
+        CT: tl.constexpr = tl.float16 if DT == tl.float16 else tl.float32
         if KIND == 2:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
-            x = (codes - 8).to(tl.float32)
-        else:
-            x = tl.load(levels_ptr + codes)
-        d = tl.arange(0, D)
-        s = tl.load(
-            scale_ptr + slot[:, None] * (D // GS) + (d // GS)[None, :], mask=valid[:, None], other=0.0
-        )
-        x = x * s.to(tl.float32)
+            x = (codes - 8).to(CT)
+        else:  # the codebook from registers (16 levels), not one global load per element
+            levels = tl.load(levels_ptr + tl.arange(0, 16))
+            x = tl.gather(tl.broadcast_to(levels[None, :], (codes.shape[0], 16)), codes, 1).to(CT)
+        g = tl.arange(0, NG)
+        s = tl.load(scale_ptr + slot[:, None] * NG + g[None, :], mask=valid[:, None], other=0.0).to(CT)
+        n: tl.constexpr = codes.shape[0]
+        x = tl.reshape(tl.reshape(x, (n, NG, GS)) * s[:, :, None], (n, D)).to(DT)
     return x
 
 
@@ -253,7 +257,7 @@ def _hadamard(had_ptr, D: tl.constexpr):
 @triton.jit
 def _dot(a, b, DT: tl.constexpr):
     if DT == tl.float32:  # noqa: SIM300
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a.to(DT), b.to(DT))
 
 
@@ -283,7 +287,6 @@ def paged_attention_kernel(
     vs_stride_h,
     tables_stride,
     m_tiles,
-    keys_per_split,
     qk_scale,
     G: tl.constexpr,
     GP: tl.constexpr,
@@ -326,8 +329,11 @@ def paged_attention_kernel(
         q = _dot(q, _hadamard(had_ptr, D), tl.float32)
 
     last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: 0..last-1
-    lo = split * keys_per_split
-    hi = tl.minimum(last, lo + keys_per_split)
+    # This program's share of them, whole key tiles (shapes alone fix the launch, so a
+    # CUDA graph can replay it whatever the lengths).
+    per_split = tl.cdiv(tl.cdiv(last, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(last, lo + per_split)
     m_i = tl.full((R,), NEG, tl.float32)
     l_i = tl.zeros((R,), tl.float32)
     acc = tl.zeros((R, D), tl.float32)
@@ -340,18 +346,21 @@ def paged_attention_kernel(
         valid = n < hi
         blk = tl.load(tables_ptr + b * tables_stride + n // BS, mask=valid, other=0)
         slot = blk.to(tl.int64) * BS + n % BS
-        k = _load_tile(kd, ks, klev_ptr, slot, valid, K_KIND, D, K_GS, True)
+        k = _load_tile(kd, ks, klev_ptr, slot, valid, K_KIND, D, K_GS, DT)
         s = _dot(q, tl.trans(k), DT)
         if K_KIND == 1:  # q . (s_k k_q) = s_k (q . k_q)
-            s = s * tl.load(ks + slot, mask=valid, other=0.0).to(tl.float32)[None, :]
-        s = s * qk_scale
+            s = s * (tl.load(ks + slot, mask=valid, other=0.0).to(tl.float32) * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
         mask = valid[None, :] & (n[None, :] <= qpos[:, None])
         s = tl.where(mask, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(vd, vs, vlev_ptr, slot, valid, V_KIND, D, V_GS, False)
+        v = _load_tile(vd, vs, vlev_ptr, slot, valid, V_KIND, D, V_GS, DT)
+        if V_KIND == 1:  # sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
+            p = p * tl.load(vs + slot, mask=valid, other=0.0).to(tl.float32)[None, :]
         acc = acc * alpha[:, None] + _dot(p, v, DT)
         m_i = m_new
 

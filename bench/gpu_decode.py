@@ -23,10 +23,12 @@ import json
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from ferrolm.attention import AttentionMetadata, StepContext, select_backend
+from ferrolm.attention import select_backend
+from ferrolm.engine.runner import ModelRunner
 from ferrolm.kv.pool import KvPool
 from ferrolm.kv.spec import KvSpec
 from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
@@ -117,36 +119,52 @@ def fill(pool: KvPool, backend, device: torch.device) -> None:
             backend.write(pool, layer, slots, k, k)
 
 
-def decode_steps(model, pool, backend, c: int, ctx: int, steps: int, bs: int, nblk: int) -> list[float]:
+def decode_steps(runner: ModelRunner, c: int, ctx: int, steps: int, nblk: int) -> list[float]:
     """Each of c sequences holds ctx tokens (sequence i in blocks i * nblk ...); time
-    `steps` decode steps (+2 warm-up, which compile what is new)."""
-    device = model.device
-    tables = [list(range(i * nblk, (i + 1) * nblk)) for i in range(c)]
+    `steps` decode steps (+2 warm-up, which compile and capture what is new) as the engine
+    runs them: runner.execute (CUDA graphs unless eager), then greedy argmax to the host."""
+    device = runner.model.device
+    vocab = runner.model.config.vocab_size
+    seqs = [
+        SimpleNamespace(block_table=list(range(i * nblk, (i + 1) * nblk)), token_ids=[], num_computed=ctx)
+        for i in range(c)
+    ]
+    ids = torch.randint(0, vocab, (c,)).tolist()
     times = []
-    ids = torch.randint(0, model.config.vocab_size, (c,)).tolist()
-    for step in range(steps + 2):
+    for _ in range(steps + 2):
         sync(device)
         t0 = time.perf_counter()
-        pos = ctx + step
-        meta = AttentionMetadata.build(tables, [pos] * c, [1] * c, bs, device)
-        hidden = model(
-            torch.tensor(ids, device=device),
-            torch.full((c,), pos, dtype=torch.long, device=device),
-            StepContext(pool, backend, meta, None),
-        )
-        ids = model.compute_logits(hidden).argmax(-1).tolist()
+        for seq, tok in zip(seqs, ids):
+            seq.token_ids = _Tokens(seq.num_computed, tok)
+        batch = [SimpleNamespace(seq=s, num_new_tokens=1) for s in seqs]
+        ids = runner.execute(batch).argmax(-1).tolist()
         times.append(time.perf_counter() - t0)
+        for seq in seqs:
+            seq.num_computed += 1
     return times[2:]
 
 
-def profile_step(model, pool, backend, c, ctx, bs, nblk, label) -> None:
+class _Tokens:
+    """A sequence's token list as the runner reads it: only the newest token exists."""
+
+    def __init__(self, pos: int, token: int) -> None:
+        self.pos, self.token = pos, token
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):  # eager steps read token_ids[s : s + n]
+            return [self.token] if index.start == self.pos else []
+        return self.token
+
+
+def profile_step(runner, c, ctx, nblk, label) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    decode_steps(model, pool, backend, c, ctx, 1, bs, nblk)  # warm
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+    decode_steps(runner, c, ctx, 1, nblk)  # warm
+    cuda = runner.model.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
-        decode_steps(model, pool, backend, c, ctx, 1, bs, nblk)
-    key = "cuda_time_total" if model.device.type == "cuda" else "cpu_time_total"
+        decode_steps(runner, c, ctx, 1, nblk)
+    key = "cuda_time_total" if cuda else "cpu_time_total"
     print(f"\nprofile: {label}, {c} x {ctx} (3 steps)")
     print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
 
@@ -160,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--eager-kv", default="fp16,int8", help="formats also measured without CUDA graphs")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script on small shapes")
     ap.add_argument("--json", default=None)
     ap.add_argument(
@@ -191,20 +210,28 @@ def main(argv=None) -> int:
             pool = KvPool(spec, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max(conc) * nblk, bs, device)
             fill(pool, backend, device)
             per_token = pool.bytes_per_token
-            for c in conc:
-                for ctx in ctxs:
-                    t = statistics.median(decode_steps(model, pool, backend, c, ctx, args.steps, bs, nblk))
-                    floor = (wbytes + c * ctx * per_token) / bw
-                    row = dict(shape=shape, kv=kv, backend=backend.name, concurrency=c, context=ctx)
-                    row.update(step_ms=t * 1e3, tokens_per_s=c / t, roofline_ms=floor * 1e3)
-                    rows.append(row)
-                    print(
-                        f"{shape:13s} {kv:9s} c={c:<4d} ctx={ctx:<5d} step {t * 1e3:8.2f} ms "
-                        f"{c / t:9.0f} tok/s  (roofline {floor * 1e3:.2f} ms, x{t / floor:.2f})",
-                        flush=True,
-                    )
-            if kv in args.profile.split(","):
-                profile_step(model, pool, backend, max(conc), max(ctxs), bs, nblk, f"{shape} {kv}")
+            modes = ["graphs", "eager"] if kv in args.eager_kv.split(",") else ["graphs"]
+            for mode in modes:
+                graphs = (max(conc), nblk) if mode == "graphs" else None
+                runner = ModelRunner(model, pool, backend, graphs)
+                label = kv if mode == "graphs" else kv + " eager"
+                for c in conc:
+                    for ctx in ctxs:
+                        t = statistics.median(decode_steps(runner, c, ctx, args.steps, nblk))
+                        floor = (wbytes + c * ctx * per_token) / bw
+                        row = dict(shape=shape, kv=label, backend=backend.name, concurrency=c, context=ctx)
+                        row.update(step_ms=t * 1e3, tokens_per_s=c / t, roofline_ms=floor * 1e3)
+                        rows.append(row)
+                        print(
+                            f"{shape:13s} {label:14s} c={c:<4d} ctx={ctx:<5d} step {t * 1e3:8.2f} ms "
+                            f"{c / t:9.0f} tok/s  (roofline {floor * 1e3:.2f} ms, x{t / floor:.2f})",
+                            flush=True,
+                        )
+                if runner.graphs is not None and runner.graphs.failed:
+                    print(f"CUDA graphs failed: {runner.graphs.failed}", flush=True)
+                if kv in args.profile.split(",") and mode == "graphs":
+                    profile_step(runner, max(conc), max(ctxs), nblk, f"{shape} {label}")
+                del runner
             del pool
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -228,7 +255,7 @@ def main(argv=None) -> int:
                 for r in rows
                 if r["shape"] == shape and r["kv"] == kv
             }
-            print(f"  {kv:9s} " + "  ".join(f"{vals.get(p, float('nan')):.2f}" for p in points))
+            print(f"  {kv:14s} " + "  ".join(f"{vals.get(p, float('nan')):.2f}" for p in points))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "copy_bandwidth": bw, "rows": rows}, f, indent=1)

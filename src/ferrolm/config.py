@@ -34,6 +34,7 @@ class ModelConfig(_Part):
     max_model_len: int | None = Field(default=None, ge=1)
     max_logprobs: int = Field(default=20, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    enforce_eager: bool = False
 
     @field_validator("dtype", "weight_dtype", mode="before")
     @classmethod
@@ -233,6 +234,11 @@ ENGINE_FLAGS: dict[str, Flag] = {
         "model",
         "device",
         "Where the model and the KV cache live: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda.",
+    ),
+    "enforce_eager": Flag(
+        "model",
+        "enforce_eager",
+        "Run every step eagerly: no CUDA graphs for decode steps (with the Triton backend).",
     ),
     "max_model_len": Flag("model", "max_model_len", "Longest prompt + completion [default: the model's]."),
     "max_logprobs": Flag("model", "max_logprobs", "Most logprobs a request may ask for per token."),

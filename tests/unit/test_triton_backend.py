@@ -153,13 +153,16 @@ def test_backend_choice_by_device(monkeypatch):
     assert "the torch backend does" in TritonBackend().unsupported(KvSpec.build(2, "int4pc"))
 
 
-def test_engine_generates_as_the_reference_with_triton_attention(tiny_model_dir):
+@pytest.mark.parametrize("eager", [False, True])
+def test_engine_generates_as_the_reference_with_triton_attention(tiny_model_dir, eager):
     """The whole engine (prefill, decode, rotation, int8 and int4 caches) on the Triton
-    backend gives the torch backend's greedy tokens on the tiny model."""
+    backend gives the torch backend's greedy tokens on the tiny model; decode steps from
+    the static buffers of CUDA graphs (captured on a GPU, run eagerly without one: the
+    padding rows, the kernel's launch from shapes alone) or eagerly."""
     from ferrolm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    prompts = [list(range(3, 30)), list(range(40, 45))]
+    prompts = [list(range(3, 30)), list(range(40, 45)), list(range(7, 60))]
     for kv in ("fp16", "int8/int4"):
         runs = []
         for backend in ("triton", "torch"):
@@ -172,9 +175,15 @@ def test_engine_generates_as_the_reference_with_triton_attention(tiny_model_dir)
                 block_size=16,
                 attention_backend=backend,
                 device=DEVICE,
+                enforce_eager=eager,
             )
             assert llm.engine.backend.name == backend
             runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+            graphs = llm.engine.runner.graphs
+            if backend == "triton" and not eager:  # 3 sequences padded to 4
+                assert graphs is not None and 4 in graphs.graphs and graphs.failed is None
+            else:
+                assert graphs is None
         assert runs[0] == runs[1], kv
 
 

@@ -36,6 +36,8 @@ def select_backend(name: str, spec: KvSpec, device: torch.device | str = "cpu") 
     if name == "auto":
         reasons = []
         for key, cls in BACKENDS.items():
+            if key == "triton" and device.type == "cpu":
+                continue  # Triton on CPU tensors is its interpreter: for tests, never chosen
             backend, why = _make(cls, spec, device)
             if backend is not None:
                 return backend

@@ -62,6 +62,32 @@ class AttentionMetadata:
         self.block_tables = tables.to(device)  # [B, nblk] int32, padded with block 0
         self.q_start = q_start.to(device)  # [B + 1] int32: sequence b's tokens are q_start[b]..[b+1]
         self.ctx_len = (starts + news).to(device)  # [B] int32: keys each sequence has after the step
+        self.max_q = max(num_new_tokens)  # the most new tokens of one sequence
+        self.max_context = max(s + n for s, n in zip(start_positions, num_new_tokens))
+
+    @classmethod
+    def static_decode(
+        cls,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        q_start: torch.Tensor,
+        ctx_len: torch.Tensor,
+        block_size: int,
+        max_context: int,
+    ) -> AttentionMetadata:
+        """Decode metadata over static buffers (CUDA graphs: engine/cuda_graphs.py): the
+        tensors' shapes are fixed, their values change between replays. Sequences past the
+        step's batch have no new token (q_start repeats) and store nothing (slot -1).
+        Backends must choose launches from shapes and max_context (the buffers' capacity)
+        alone; the torch reference's groups do not apply."""
+        meta = cls.__new__(cls)
+        meta.block_size = block_size
+        meta.device = slot_mapping.device
+        meta.num_new = meta.starts = meta._tables = None
+        meta.slot_mapping, meta.block_tables = slot_mapping, block_tables
+        meta.q_start, meta.ctx_len = q_start, ctx_len
+        meta.max_q, meta.max_context = 1, max_context
+        return meta
 
     @classmethod
     def build(

@@ -201,12 +201,12 @@ class TritonBackend:
         G = H // KVH
         GP = _pow2(G)
         B = meta.block_tables.shape[0]
-        max_q = max(meta.num_new)
+        max_q = meta.max_q
         # At least 16 rows (the tensor cores' smallest tile): decodes pad the G heads of one
         # query to 16 rows; prefill tiles stack 64 rows of queries x heads.
         BLOCK_M = max(1, (16 if max_q == 1 else 64) // GP)
         m_tiles = _cdiv(max_q, BLOCK_M)
-        max_ctx = max(s + n for s, n in zip(meta.starts, meta.num_new))
+        max_ctx = meta.max_context
         BLOCK_N = 64 if D <= 128 else 32
         splits = self._splits(B * m_tiles * KVH, max_ctx, q.device)
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)

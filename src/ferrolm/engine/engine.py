@@ -76,7 +76,10 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, bs, kv.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(self.model, self.pool, self.backend)
+        graphs = None
+        if not config.model.enforce_eager:
+            graphs = (config.scheduler.max_num_seqs, -(-self.max_model_len // bs))
+        self.runner = ModelRunner(self.model, self.pool, self.backend, graphs)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0  # counters for metrics: tokens of added prompts ...

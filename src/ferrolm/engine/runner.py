@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ferrolm.attention import AttentionBackend, AttentionMetadata, StepContext
+from ferrolm.engine.cuda_graphs import DecodeGraphs
 from ferrolm.engine.scheduler import ScheduledSeq
 from ferrolm.kv.pool import KvPool
 from ferrolm.models.decoder_plan import build_plan
@@ -12,13 +13,24 @@ from ferrolm.models.llama import LlamaModel
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KvPool, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        pool: KvPool,
+        backend: AttentionBackend,
+        graphs: tuple[int, int] | None = None,
+    ) -> None:
+        """graphs: (max sequences, max blocks per sequence) to replay decode steps from
+        CUDA graphs (engine/cuda_graphs.py; Triton backend only), or None: eager steps."""
         self.model = model
         self.pool = pool
         self.backend = backend
         # The decoder layers as one compiled loop over this pool (None: the Python layers;
         # set it to None to force them). Built here, not on the model: engines share models.
         self.plan = build_plan(model, pool, backend)
+        self.graphs = None
+        if graphs is not None and getattr(backend, "name", "") == "triton":
+            self.graphs = DecodeGraphs(model, pool, backend, *graphs)
 
     @torch.inference_mode()
     def execute(
@@ -27,6 +39,10 @@ class ModelRunner:
         """Run one step. Returns fp32 logits of each sequence's last new token ([B, V]);
         with `rows`, of the listed new tokens of each sequence (offsets into its new tokens,
         concatenated in batch order); with all_logits, of every new token ([T, V])."""
+        if self.graphs is not None and self.graphs.applies(batch, rows, all_logits):
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
         ids, positions, starts, news = [], [], [], []
         for item in batch:
             s, n = item.seq.num_computed, item.num_new_tokens

@@ -234,7 +234,7 @@ def _load_tile(
         byte = tl.load(data_ptr + slot[:, None] * (D // 2) + half[None, :], mask=valid[:, None], other=0)
         byte = byte.to(tl.int32)
         codes = tl.interleave(byte & 15, byte >> 4)  # element 2j in the low nibble, 2j + 1 high
-        CT: tl.constexpr = tl.float16 if DT == tl.float16 else tl.float32
+        CT: tl.constexpr = tl.float16 if tl.float16 == DT else tl.float32
         if KIND == 2:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
             x = (codes - 8).to(CT)
         else:  # the codebook from registers (16 levels), not one global load per element

@@ -88,9 +88,19 @@ class TritonBackend:
     name = "triton"
     rotates = True  # Hadamard rotations run inside the kernels (attention/layer.py)
 
-    def __init__(self, splits: int | None = None) -> None:
-        # `splits`: force the number of context splits (tests); None picks by occupancy.
+    def __init__(
+        self,
+        splits: int | None = None,
+        block_n: int | None = None,
+        num_warps: int | None = None,
+        num_stages: int | None = None,
+    ) -> None:
+        # Launch settings for tests and bench/gpu_attention.py's sweep: `splits` forces the
+        # number of context splits (None: by occupancy), `block_n` the keys per tile, and
+        # num_warps / num_stages Triton's own (None: its defaults).
         self.force_splits = splits
+        self.block_n = block_n
+        self.launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
         if interpreted() and triton_missing() is None:
             _interpreter_compat()
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -207,7 +217,7 @@ class TritonBackend:
         BLOCK_M = max(1, (16 if max_q == 1 else 64) // GP)
         m_tiles = _cdiv(max_q, BLOCK_M)
         max_ctx = meta.max_context
-        BLOCK_N = 64 if D <= 128 else 32
+        BLOCK_N = self.block_n or (64 if D <= 128 else 32)
         splits = self._splits(B * m_tiles * KVH, max_ctx, q.device)
         out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
         R = BLOCK_M * GP
@@ -267,6 +277,7 @@ class TritonBackend:
             Q_ROT=kh.fmt.rotated,
             O_ROT=vh.fmt.rotated and splits == 1,
             **common,
+            **self.launch,
         )
         if splits > 1:
             combine_kernel[(B * m_tiles, KVH)](

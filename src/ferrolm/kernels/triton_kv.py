@@ -344,8 +344,12 @@ def paged_attention_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < hi
-        blk = tl.load(tables_ptr + b * tables_stride + n // BS, mask=valid, other=0)
-        slot = blk.to(tl.int64) * BS + n % BS
+        if BS % BLOCK_N == 0:  # the tile lies in one block: one table read, contiguous slots
+            blk = tl.load(tables_ptr + b * tables_stride + n0 // BS).to(tl.int64)
+            slot = blk * BS + n0 % BS + tl.arange(0, BLOCK_N)
+        else:  # blocks smaller than a tile: each key's own block
+            blk = tl.load(tables_ptr + b * tables_stride + n // BS, mask=valid, other=0)
+            slot = blk.to(tl.int64) * BS + n % BS
         k = _load_tile(kd, ks, klev_ptr, slot, valid, K_KIND, D, K_GS, DT)
         s = _dot(q, tl.trans(k), DT)
         if K_KIND == 1:  # q . (s_k k_q) = s_k (q . k_q)

@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="2,4")
     ap.add_argument("--splits", default="0,4", help="0: the backend's own choice")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run under TRITON_INTERPRET=1")
+    ap.add_argument("--scale-tiles", default="0", help="0,1: per-token scales on scores / on tiles")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
             [int(x) for x in args.warps.split(",")],
             [int(x) for x in args.stages.split(",")],
             [int(x) for x in args.splits.split(",")],
+            [int(x) for x in args.scale_tiles.split(",")],
         )
     )
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
@@ -71,8 +73,9 @@ def main(argv=None) -> int:
             q = torch.randn(c, kvh * g, d, device=dev, dtype=torch.bfloat16)
             gb = c * (n + 1) * per_token / 1e9
             best = None
-            for block_n, warps, stages, splits in grid:
-                b = TritonBackend(splits=splits or None, block_n=block_n, num_warps=warps, num_stages=stages)
+            ref = None
+            for block_n, warps, stages, splits, tiles in grid:
+                b = TritonBackend(splits or None, block_n, warps, stages, bool(tiles))
                 try:
                     ms = do_bench(
                         lambda b=b, q=q, pool=pool, meta=meta: b.attend(q, 0, pool, meta, d**-0.5), rep=50
@@ -82,11 +85,15 @@ def main(argv=None) -> int:
                         f"{kv:8s} {c}x{n} n={block_n} w={warps} st={stages} sp={splits}: {type(e).__name__}"
                     )
                     continue
+                out = b.attend(q, 0, pool, meta, d**-0.5).float()
+                ref = out if ref is None else ref
+                diff = (out - ref).abs().max().item() / ref.abs().max().item()
+                label = f"n={block_n} w={warps} st={stages} sp={splits or 'auto'} tiles={tiles}"
                 if best is None or ms < best[0]:
-                    best = (ms, f"n={block_n} w={warps} st={stages} sp={splits or 'auto'}")
+                    best = (ms, label)
                 print(
-                    f"{kv:8s} {c:4d}x{n:<5d} n={block_n:<3d} w={warps} st={stages} sp={splits or 'auto':<4} "
-                    f"{ms * 1e3:8.1f} us  {gb / ms:7.2f} TB/s",
+                    f"{kv:8s} {c:4d}x{n:<5d} {label:32s} {ms * 1e3:8.1f} us  {gb / ms:7.2f} TB/s"
+                    f"  (max diff to the first setting {diff:.1e})",
                     flush=True,
                 )
             print(f"BEST {kv} {c}x{n}: {best[0] * 1e3:.1f} us ({best[1]})", flush=True)

@@ -94,12 +94,15 @@ class TritonBackend:
         block_n: int | None = None,
         num_warps: int | None = None,
         num_stages: int | None = None,
+        scale_tiles: bool = False,
     ) -> None:
         # Launch settings for tests and bench/gpu_attention.py's sweep: `splits` forces the
         # number of context splits (None: by occupancy), `block_n` the keys per tile, and
         # num_warps / num_stages Triton's own (None: its defaults).
         self.force_splits = splits
         self.block_n = block_n
+        # Per-token scales on the K/V tiles (True) or on the scores and probabilities.
+        self.scale_tiles = scale_tiles
         self.launch = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v}
         if interpreted() and triton_missing() is None:
             _interpreter_compat()
@@ -276,6 +279,7 @@ class TritonBackend:
             DT=dt,
             Q_ROT=kh.fmt.rotated,
             O_ROT=vh.fmt.rotated and splits == 1,
+            SCALE_TILES=self.scale_tiles,
             **common,
             **self.launch,
         )

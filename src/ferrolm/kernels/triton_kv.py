@@ -218,8 +218,11 @@ def _load_tile(
     D: tl.constexpr,
     GS: tl.constexpr,
     DT: tl.constexpr,
+    SCALE: tl.constexpr,
 ):
-    """[N] slots -> [N, D] in the dot's type DT. Kinds 0 and 1 give the stored values (for
+    """[N] slots -> [N, D] in the dot's type DT (with SCALE, kind 1 codes times their
+    per-token scale: the scale load then feeds the dot operand, which Triton's pipeliner
+    prefetches). Kinds 0 and 1 give the stored values (for
     kind 1 the codes: fp16 holds every int8 and fp8 code, and the caller applies the
     per-token scale to the scores or the probabilities, [R, N] products instead of
     [N, D]); 4-bit kinds give code * group scale (in fp16 when DT is: the product rounded
@@ -228,6 +231,8 @@ def _load_tile(
         d = tl.arange(0, D)
         x = tl.load(data_ptr + slot[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
         x = x.to(DT)
+        if KIND == 1 and SCALE:
+            x = x * tl.load(scale_ptr + slot, mask=valid, other=0.0).to(DT)[:, None]
     else:
         NG: tl.constexpr = D // GS
         half = tl.arange(0, D // 2)
@@ -302,6 +307,7 @@ def paged_attention_kernel(
     DT: tl.constexpr,
     Q_ROT: tl.constexpr,
     O_ROT: tl.constexpr,
+    SCALE_TILES: tl.constexpr,
 ):
     """Program (sequence b and query tile, kv head, context split). Rows r = m * GP + g:
     query m of the tile, query head kvh * G + g (GP = G rounded up to a power of 2)."""
@@ -350,9 +356,9 @@ def paged_attention_kernel(
         else:  # blocks smaller than a tile: each key's own block
             blk = tl.load(tables_ptr + b * tables_stride + n // BS, mask=valid, other=0)
             slot = blk.to(tl.int64) * BS + n % BS
-        k = _load_tile(kd, ks, klev_ptr, slot, valid, K_KIND, D, K_GS, DT)
+        k = _load_tile(kd, ks, klev_ptr, slot, valid, K_KIND, D, K_GS, DT, SCALE_TILES)
         s = _dot(q, tl.trans(k), DT)
-        if K_KIND == 1:  # q . (s_k k_q) = s_k (q . k_q)
+        if K_KIND == 1 and not SCALE_TILES:  # q . (s_k k_q) = s_k (q . k_q)
             s = s * (tl.load(ks + slot, mask=valid, other=0.0).to(tl.float32) * qk_scale)[None, :]
         else:
             s = s * qk_scale
@@ -362,8 +368,8 @@ def paged_attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.where(mask, tl.exp2(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(vd, vs, vlev_ptr, slot, valid, V_KIND, D, V_GS, DT)
-        if V_KIND == 1:  # sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
+        v = _load_tile(vd, vs, vlev_ptr, slot, valid, V_KIND, D, V_GS, DT, SCALE_TILES)
+        if V_KIND == 1 and not SCALE_TILES:  # sum_j p_j (s_j v_j) = sum_j (p_j s_j) v_j
             p = p * tl.load(vs + slot, mask=valid, other=0.0).to(tl.float32)[None, :]
         acc = acc * alpha[:, None] + _dot(p, v, DT)
         m_i = m_new

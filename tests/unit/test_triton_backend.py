@@ -68,7 +68,7 @@ def test_store_writes_the_reference_bytes(pair):
         assert torch.equal(_bytes(a), _bytes(b))
 
 
-def _step(spec, kvh, g, d, bs, tables, starts, news, splits, seed=0):
+def _step(spec, kvh, g, d, bs, tables, starts, news, splits, seed=0, **launch):
     """One step over cached prefixes (decodes and prefill chunks together): the Triton
     attention output and the reference's, over pools holding the same bytes. Keys of
     magnitudes real models have (scores of tens: fp16 queries keep them to ~1e-2)."""
@@ -77,7 +77,7 @@ def _step(spec, kvh, g, d, bs, tables, starts, news, splits, seed=0):
     meta = AttentionMetadata(tables, starts, news, bs, DEVICE)
     gen = torch.Generator().manual_seed(seed + 99)
     q = torch.randn(sum(news), kvh * g, d, generator=gen).to(DEVICE)
-    out = TritonBackend(splits=splits).attend(q, 0, mine, meta, d**-0.5)
+    out = TritonBackend(splits=splits, **launch).attend(q, 0, mine, meta, d**-0.5)
     want = TorchBackend().attend(q, 0, ref, meta, d**-0.5)
     return out, want
 
@@ -115,6 +115,19 @@ def test_attention_shapes_and_context_splits(kvh, g, d, bs, splits, pair):
     nblk = -(-140 // bs)
     tables = [list(range(i * nblk, (i + 1) * nblk))[::-1] for i in range(3)]
     out, want = _step(spec, kvh, g, d, bs, tables, [139, 100, 64], [1, 30, 5], splits=splits, seed=3)
+    _close(out, want, pair)
+
+
+@pytest.mark.parametrize(
+    "launch", [dict(scale_tiles=False), dict(block_n=64), dict(block_n=32, scale_tiles=False)]
+)
+@pytest.mark.parametrize("pair", ["int8/fp8", "fp8_e5m2/int4"])
+def test_attention_launch_settings(pair, launch):
+    """The settings bench/gpu_attention.py sweeps give the same attention: per-token scales
+    on the scores and probabilities instead of the tiles, other tile sizes."""
+    spec = KvSpec.build(1, pair, rotation="off")
+    tables = [[3, 1, 0], [2, 4]]
+    out, want = _step(spec, 2, 4, 64, 128, tables, [300, 150], [1, 7], splits=2, seed=5, **launch)
     _close(out, want, pair)
 
 

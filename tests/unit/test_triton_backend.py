@@ -45,16 +45,18 @@ def _vectors(t: int, kvh: int, d: int, seed: int, decades: tuple[float, float] =
     return x.to(DEVICE)
 
 
-def _fill(spec, kvh, d, bs, tables, lens, seed=0, decades=(-3, 2)):
+def _fill(spec, kvh, d, bs, tables, lens, seed=0, decades=(-3, 2), triton_store=True):
     """Both pools written with the same keys and values for every position of every
-    sequence: by the Triton kernels and by the reference."""
+    sequence: by the Triton kernels and by the reference (or both by the reference, where
+    only attention is under test: the stores' bytes are equal, checked above, and the
+    interpreter runs one store program per token and head)."""
     pools = _pools(spec, kvh, d, 1 + max(max(t) for t in tables), bs)
     meta = AttentionMetadata(tables, [0] * len(lens), lens, bs, DEVICE)
     n = meta.slot_mapping.numel()
     for layer in range(spec.num_layers):
         k = _vectors(n, kvh, d, seed + 2 * layer, decades)
         v = _vectors(n, kvh, d, seed + 2 * layer + 1, decades)
-        TritonBackend().write(pools[0], layer, meta.slot_mapping, k, v)
+        (TritonBackend() if triton_store else TorchBackend()).write(pools[0], layer, meta.slot_mapping, k, v)
         TorchBackend().write(pools[1], layer, meta.slot_mapping, k, v)
     return pools
 
@@ -73,7 +75,7 @@ def _step(spec, kvh, g, d, bs, tables, starts, news, splits, seed=0, **launch):
     attention output and the reference's, over pools holding the same bytes. Keys of
     magnitudes real models have (scores of tens: fp16 queries keep them to ~1e-2)."""
     lens = [s + n for s, n in zip(starts, news)]
-    mine, ref = _fill(spec, kvh, d, bs, tables, lens, seed, decades=(-1, 0.5))
+    mine, ref = _fill(spec, kvh, d, bs, tables, lens, seed, decades=(-1, 0.5), triton_store=False)
     meta = AttentionMetadata(tables, starts, news, bs, DEVICE)
     gen = torch.Generator().manual_seed(seed + 99)
     q = torch.randn(sum(news), kvh * g, d, generator=gen).to(DEVICE)
@@ -127,7 +129,7 @@ def test_attention_launch_settings(pair, launch):
     on the scores and probabilities instead of the tiles, other tile sizes."""
     spec = KvSpec.build(1, pair, rotation="off")
     tables = [[3, 1, 0], [2, 4]]
-    out, want = _step(spec, 2, 4, 64, 128, tables, [300, 150], [1, 7], splits=2, seed=5, **launch)
+    out, want = _step(spec, 2, 4, 64, 128, tables, [260, 40], [1, 5], splits=2, seed=5, **launch)
     _close(out, want, pair)
 
 

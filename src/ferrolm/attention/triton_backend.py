@@ -208,9 +208,9 @@ class TritonBackend:
         if device.type != "cuda":
             return 1
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = _pow2(-(-2 * sms // max(programs, 1)))
-        if quantized:
-            want = max(want, min(4, _pow2(max(1, max_ctx // 2048) + 1) // 2))
+        want = _pow2(_cdiv(2 * sms, max(programs, 1)))
+        if quantized:  # 1, 2, 4 splits from 2k, 4k, 8k keys
+            want = max(want, min(4, 1 << max(0, (max_ctx // 2048).bit_length() - 1)))
         return max(1, min(want, 32, _pow2(max(1, max_ctx // 512))))
 
     def attend(

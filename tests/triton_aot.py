@@ -82,6 +82,15 @@ def main() -> int:
                     backend.write(pool, 0, meta.slot_mapping, torch.randn(t, kvh, d), torch.randn(t, kvh, d))
                     backend.attend(torch.randn(t, kvh * g, d), 0, pool, meta, d**-0.5)
         print(f"{pair}: compiled for {compiled[-1][1]}", flush=True)
+    from ferrolm.kernels import triton_ops
+
+    x = torch.randn(3, 576)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        triton_ops.add_rms_norm(x, x.to(torch.bfloat16), torch.ones(576), 1e-5, out_dtype)
+    qkv = torch.randn(3, 15 * 64, dtype=torch.bfloat16)
+    triton_ops.rope_(qkv[:, : 9 * 64].view(3, 9, 64), torch.randn(3, 64), torch.randn(3, 64))
+    triton_ops.silu_mul(torch.randn(3, 2 * 1536, dtype=torch.bfloat16))
+    print(f"layer ops: compiled for {compiled[-1][1]}")
     print(f"{len(compiled)} kernel launches compiled, {len({c[0] for c in compiled})} kernels")
     return 0
 

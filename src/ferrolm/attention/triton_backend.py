@@ -161,8 +161,9 @@ class TritonBackend:
         if T == 0:
             return
         kh, vh = pool.keys[layer], pool.values[layer]
-        k = k.contiguous()
-        v = v.to(k.dtype).contiguous()
+        v = v.to(k.dtype)
+        if k.stride() != v.stride() or k.stride(-1) != 1:  # one set of strides for both
+            k, v = k.contiguous(), v.contiguous()
         ks, vs = self._scale(kh), self._scale(vh)
         store_kv_kernel[(T, H, 2)](
             k,
@@ -241,7 +242,8 @@ class TritonBackend:
             ml = torch.empty((B * m_tiles * KVH * splits * R, 2), dtype=torch.float32, device=q.device)
         else:
             part = ml = out
-        q = q.contiguous()
+        if q.stride(-1) != 1:
+            q = q.contiguous()
         import triton.language as tl
 
         # The dot's input type: one that holds the stored values exactly (fp16 holds every

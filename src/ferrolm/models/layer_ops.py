@@ -1,15 +1,32 @@
 """The small per-layer ops of a decoder step: residual add + RMSNorm, RoPE in place, SwiGLU.
 
-Compiled (kernels/layer_ops.cpp) for CPU tensors where the kernels build: each call replaces 8-12 eager
-torch ops, whose dispatch cost outweighed their arithmetic at small batches. The torch
-versions below are the reference and the fallback; both compute in fp32.
+Compiled for CPU tensors where the kernels build (kernels/layer_ops.cpp) and as Triton
+kernels for CUDA tensors (kernels/triton_ops.py): each call replaces 3-12 eager torch
+ops, whose dispatch (CPU) or launch count (GPU) outweighed their arithmetic at small
+batches. The torch versions below are the reference and the fallback; all compute in fp32.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ferrolm.kernels import build
+
+
+@functools.cache
+def _triton_ops():
+    """kernels/triton_ops.py, or None where triton is missing."""
+    try:
+        from ferrolm.kernels import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda and _triton_ops() is not None
 
 
 def add_rms_norm_reference(
@@ -25,6 +42,8 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """x (the fp32 residual stream [T, H]) += delta in place; returns RMSNorm(x) * weight in
     out_dtype (fp32 or bf16)."""
+    if _on_gpu(x) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == torch.float32:
+        return _triton_ops().add_rms_norm(x, delta, weight, eps, out_dtype)
     if (
         x.is_cpu
         and build.load()
@@ -45,7 +64,10 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE in place: x [T, heads, D] (fp32 or bf16, contiguous), cos/sin fp32 [T, D]."""
+    """Rotate-half RoPE in place: x [T, heads, D] (fp32 or bf16; contiguous on a CPU, any
+    token and head strides on CUDA), cos/sin fp32 [T, D]."""
+    if _on_gpu(x) and x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous():
+        return _triton_ops().rope_(x, cos, sin)
     if x.is_cpu and build.load() and x.is_contiguous() and x.dtype in (torch.float32, torch.bfloat16):
         torch.ops.ferrolm_cpu.rope_(x, cos, sin)
         return x
@@ -59,6 +81,8 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate then up) -> silu(gate) * up [T, I], in gate_up's dtype."""
+    if _on_gpu(gate_up) and gate_up.dim() == 2 and gate_up.stride(-1) == 1:
+        return _triton_ops().silu_mul(gate_up)
     if (
         gate_up.is_cpu
         and build.load()

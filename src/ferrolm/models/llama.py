@@ -124,7 +124,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv is not None:
-            q, k, v = (t.contiguous() for t in self.qkv.split(self.qkv(x)))
+            q, k, v = self.qkv.split(self.qkv(x))
+            if not x.is_cuda:  # the CPU kernels take contiguous rows; CUDA ones take strides
+                q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = rope_(q.view(T, self.h, self.d), cos, sin)

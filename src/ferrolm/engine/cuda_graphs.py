@@ -39,12 +39,11 @@ class DecodeGraphs:
         self.sizes = batch_sizes(max_seqs)
         self.max_blocks = max_blocks
         n, dev = self.sizes[-1], self.device
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        # Per batch size, one int32 buffer for the step's small inputs (one host->device
+        # copy): token ids, positions, KV slots, context lengths, query starts. Block tables
+        # are one buffer for all sizes, copied as wide as this step's longest table.
+        self.small = {s: torch.zeros(5 * s + 1, dtype=torch.int32, device=dev) for s in self.sizes}
         self.tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=dev)
-        self.q_start = torch.zeros(n + 1, dtype=torch.int32, device=dev)
-        self.ctx_len = torch.zeros(n, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[object, torch.Tensor]] = {}
         self.mempool = torch.cuda.graph_pool_handle() if self.capture else None
         self.failed: str | None = None
@@ -76,12 +75,10 @@ class DecodeGraphs:
             table = seq.block_table
             slots.append(table[p // bs] * bs + p % bs)
             flat[i * nblk : i * nblk + len(table)] = table
-        pad = size - B
-        self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:size].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
-        self.ctx_len[:size].copy_(torch.tensor([p + 1 for p in pos] + [0] * pad, dtype=torch.int32))
-        self.q_start[: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32).clamp(max=B))
+        pad = [0] * (size - B)
+        small = ids + pad + pos + pad + slots + [-1] * (size - B) + [p + 1 for p in pos] + pad
+        small += list(range(B + 1)) + [B] * (size - B)  # padding sequences: no new token
+        self.small[size].copy_(torch.tensor(small, dtype=torch.int32))
         # Columns past nblk keep older block ids: each sequence reads ctx_len keys only.
         self.tables[:size, :nblk].copy_(torch.tensor(flat, dtype=torch.int32).view(size, nblk))
         if size not in self.graphs and not self._capture(size):
@@ -94,16 +91,17 @@ class DecodeGraphs:
         return logits[:B]
 
     def _forward(self, size: int) -> torch.Tensor:
+        ids, positions, slots, ctx_len, q_start = self.small[size].split([size] * 4 + [size + 1])
         meta = AttentionMetadata.static_decode(
-            self.slots[:size],
+            slots,
             self.tables[:size],
-            self.q_start[: size + 1],
-            self.ctx_len[:size],
+            q_start,
+            ctx_len,
             self.pool.block_size,
             self.max_blocks * self.pool.block_size,
         )
         ctx = StepContext(self.pool, self.backend, meta, None)
-        hidden = self.model(self.ids[:size], self.positions[:size], ctx)
+        hidden = self.model(ids, positions, ctx)
         return self.model.compute_logits(hidden)
 
     def _capture(self, size: int) -> bool:

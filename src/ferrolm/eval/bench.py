@@ -121,6 +121,8 @@ def hf_model_like(engine: LLMEngine):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = engine.model.config
+    if c.family != "llama":
+        raise ValueError(f"the HF baseline builds Llama models; this model is {c.family}")
     hf_cfg = LlamaConfig(
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,

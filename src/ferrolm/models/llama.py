@@ -43,10 +43,16 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     eos_token_ids: list[int] = field(default_factory=list)
+    family: str = "llama"  # models/families.py
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # keys a query sees at most (Mistral); None: all
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaConfig:
-        """From a Hugging Face config.json dict."""
+        """From a Hugging Face config.json dict (its model_type picks the family)."""
+        from ferrolm.models.families import family_for_hf
+
+        fam = family_for_hf(cfg.get("model_type", "llama"))
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -64,8 +70,13 @@ class LlamaConfig:
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
+            attention_bias=(
+                cfg.get("attention_bias", False) if fam.attention_bias is None else fam.attention_bias
+            ),
             eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            family=fam.name,
+            qk_norm=fam.qk_norm,
+            sliding_window=cfg.get(fam.sliding_window_key) if fam.sliding_window_key else None,
         )
 
 
@@ -104,6 +115,13 @@ class RMSNorm(nn.Module):
         returns the normalised x in out_dtype (computed in fp32)."""
         return add_rms_norm(x, delta, self.weight, self.eps, out_dtype)
 
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head norm (Qwen3's q/k norms): x [T, heads, D] -> the same shape and dtype,
+        computed in fp32 (a new contiguous tensor)."""
+        xf = x.float()
+        y = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))
+        return y.to(x.dtype)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
@@ -115,6 +133,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.attn = PagedAttention(layer, self.d**-0.5)
         self.qkv: FusedLinear | None = None  # set by LlamaModel.fuse_projections
 
@@ -129,8 +152,11 @@ class Attention(nn.Module):
                 q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = rope_(q.view(T, self.h, self.d), cos, sin)
-        k = rope_(k.view(T, self.kvh, self.d), cos, sin)
+        q, k = q.view(T, self.h, self.d), k.view(T, self.kvh, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm.heads(q), self.k_norm.heads(k)
+        q = rope_(q, cos, sin)
+        k = rope_(k, cos, sin)
         v = v.view(T, self.kvh, self.d)
         return self.o_proj(self.attn(q, k, v, ctx))
 

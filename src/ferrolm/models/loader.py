@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ferrolm.models.families import family_for_gguf
 from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
 from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, q4_from_gguf, q8_from_gguf
 
 # GGUF types kept as shipped by weight_dtype "auto" (linear layers only).
 KEPT_QUANT = ("Q4_0", "Q4_1")
 
-SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "smollm", "smollm2"}
 _CACHE: OrderedDict[tuple[str, torch.dtype, str, str], LlamaModel] = OrderedDict()
 _CACHE_SIZE = 2
 
@@ -39,6 +39,8 @@ _GGUF_LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -127,8 +129,10 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
         if not k.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))
     }
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path.name}: architecture {arch!r} is not supported (supported: llama family)")
+    try:
+        fam = family_for_gguf(arch)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
 
     def m(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -168,7 +172,11 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
         rope_scaling=scaling,
         max_position_embeddings=int(m("context_length", 2048)),
         tie_word_embeddings=not has_output,
+        attention_bias=any(name.endswith("attn_q.bias") for name in tensors),
         eos_token_ids=[int(eos)] if eos is not None else [],
+        family=fam.name,
+        qk_norm=fam.qk_norm,
+        sliding_window=m("attention.sliding_window") if fam.sliding_window_key else None,
     )
     weights: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
@@ -179,7 +187,7 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
         if not match or match.group(2) not in _GGUF_LAYER_NAMES:
             continue  # e.g. rope_freqs: recomputed from the config
         layer, part, kind = match.groups()
-        if part in ("attn_q", "attn_k"):
+        if part in ("attn_q", "attn_k") and fam.gguf_permuted_qk:
             n = cfg.num_heads if part == "attn_q" else cfg.num_kv_heads
             w = (
                 w.permute_rows(lambda t, n=n: _unpermute(t, n))
@@ -202,10 +210,10 @@ def read_safetensors_folder(path: Path) -> tuple[LlamaConfig, dict[str, torch.Te
     from safetensors.torch import load_file
 
     hf = json.loads((path / "config.json").read_text())
-    model_type = hf.get("model_type", "llama")
-    if model_type not in SUPPORTED_ARCHS:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported (supported: llama family)")
-    cfg = LlamaConfig.from_hf(hf)
+    try:
+        cfg = LlamaConfig.from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     gen = path / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")

@@ -1,0 +1,51 @@
+"""Architectures ferrolm loads: GGUF `general.architecture` / HF `model_type` -> a family.
+
+A family says how to read a checkpoint into the decoder in `llama.py` (Llama, Mistral,
+Qwen2 and Qwen3 share its layout: RMSNorm, RoPE with rotate-half, GQA, SwiGLU) and what
+differs: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), a sliding window
+(Mistral, where the config sets one), and whether llama.cpp's converter permuted the
+Q/K rows for its interleaved RoPE (only Llama-style models: `llama` GGUFs, which include
+Mistral's and SmolLM's). Everything a family changes is data here, not an `if` chain in
+the loader. An unknown architecture is rejected with the supported list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hf_model_types: tuple[str, ...]
+    gguf_archs: tuple[str, ...]
+    attention_bias: bool | None = None  # None: from the config (attention_bias), else fixed
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE
+    gguf_permuted_qk: bool = False  # llama.cpp permuted Q/K rows (undo when reading GGUF)
+    sliding_window_key: str | None = None  # the HF config key of an optional sliding window
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", ("llama",), ("llama", "smollm", "smollm2"), gguf_permuted_qk=True),
+    Family("mistral", ("mistral",), ("mistral",), gguf_permuted_qk=True, sliding_window_key="sliding_window"),
+    Family("qwen2", ("qwen2",), ("qwen2",), attention_bias=True, sliding_window_key=None),
+    Family("qwen3", ("qwen3",), ("qwen3",), attention_bias=False, qk_norm=True),
+)
+
+
+def supported() -> str:
+    return ", ".join(sorted({t for f in FAMILIES for t in (*f.hf_model_types, *f.gguf_archs)}))
+
+
+def family_for_hf(model_type: str) -> Family:
+    for f in FAMILIES:
+        if model_type in f.hf_model_types:
+            return f
+    raise ValueError(f"model_type {model_type!r} is not supported (supported: {supported()})")
+
+
+def family_for_gguf(arch: str | None) -> Family:
+    for f in FAMILIES:
+        if arch in f.gguf_archs:
+            return f
+    raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {supported()})")

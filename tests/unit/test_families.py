@@ -1,0 +1,83 @@
+"""Model families beyond Llama (models/families.py): tiny random models of each, saved as
+HF safetensors folders, against HF transformers on the same weights, and every KV spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, _tiny_tokenizer
+from recording import run_recording_logits
+
+from ferrolm import LLM, SamplingParams
+
+# Each family's tiny config: TINY's shapes, plus what makes the family itself.
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=False)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),  # q/k norms; head_dim != hidden/heads
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request, tmp_path_factory):
+    import transformers
+
+    cfg_name, model_name, extra = FAMILIES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(**{**TINY, **extra})
+    model = getattr(transformers, model_name)(cfg)
+    with torch.no_grad():  # random biases and norm weights, so that they count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer(TINY["vocab_size"]).save_pretrained(path)
+    return request.param, path, model.float().eval()
+
+
+def test_logits_match_hf_over_a_ragged_batch_with_chunked_prefill(family_model):
+    name, path, hf = family_model
+    llm = LLM(
+        str(path),
+        dtype="float32",
+        kv_cache_dtype="fp32",
+        kv_cache_num_blocks=64,
+        block_size=16,
+        max_num_batched_tokens=24,  # prompts of 40 and 30 tokens prefill in chunks
+        long_prefill_token_threshold=16,
+    )
+    assert llm.engine.model.config.family == name
+    prompts = [list(range(3, 43)), list(range(50, 80)), [7, 8, 9]]
+    for ids, logits in run_recording_logits(llm, prompts, steps=6):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(logits, ref[: len(logits)], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kv", ["fp16", "bf16", "int8", "fp8", "fp8_e5m2", "int4", "int8/int4", "int4;0=fp16;-1=fp16"]
+)
+def test_every_kv_spec_runs_prefill_decode_prefix_hits_and_preemption(family_model, kv):
+    from ferrolm.kv.spec import spec_flags
+
+    name, path, _ = family_model
+    flags = {k: v for k, v in spec_flags(kv).items() if v is not None}
+    llm = LLM(str(path), dtype="float32", kv_cache_num_blocks=9, block_size=16, **flags)
+    shared = list(range(3, 40))  # a 37-token prefix shared by the prompts: cache hits
+    prompts = [shared + [41 + i] for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    outs = llm.generate(prompts, params)  # 4 x 58 tokens > 9 blocks of 16: preemption
+    assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
+    stats = llm.engine.stats()
+    assert stats["prefix_cache_hits"] > 0 and stats["num_preemptions"] > 0, stats
+    alone = llm.generate(prompts[:1], params)[0].outputs[0].token_ids
+    assert outs[0].outputs[0].token_ids == alone  # batching, hits, preemption change nothing
+
+
+def test_unknown_architecture_lists_the_supported(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported \(supported: .*qwen3"):
+        LLM(str(tmp_path))

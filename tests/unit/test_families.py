@@ -75,6 +75,63 @@ def test_every_kv_spec_runs_prefill_decode_prefix_hits_and_preemption(family_mod
     assert outs[0].outputs[0].token_ids == alone  # batching, hits, preemption change nothing
 
 
+@pytest.mark.parametrize("window", [1, 5, 16, 17])
+@pytest.mark.parametrize("bs", [16, 128])
+def test_sliding_window_in_every_backend(window, bs):
+    """A query at p sees keys p - window + 1 .. p: the compiled CPU kernels (decode and tile
+    paths) and the Triton kernels (interpreter, context split in two) against the torch
+    reference, over decodes and prefill chunks with cached prefixes."""
+    from ferrolm.attention import AttentionMetadata, CpuBackend, TorchBackend, TritonBackend
+    from ferrolm.kv.pool import KvPool
+    from ferrolm.kv.spec import KvSpec
+
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(window)
+    spec = KvSpec.build(1, "int8/int4", rotation="off")
+    pool = KvPool(spec, 1, 2, 64, 12, bs)
+    tables = [[0, 1, 2], [3, 4], [5, 6, 7, 8]] if bs == 16 else [[0], [1], [2]]
+    starts, news = [40, 3, 20], [1, 20, 9]
+    full = AttentionMetadata(tables, [0, 0, 0], [s + n for s, n in zip(starts, news)], bs)
+    n = full.slot_mapping.numel()
+    TorchBackend().write(
+        pool, 0, full.slot_mapping, torch.randn(n, 2, 64, generator=g), torch.randn(n, 2, 64, generator=g)
+    )
+    meta = AttentionMetadata(tables, starts, news, bs)
+    q = torch.randn(sum(news), 6, 64, generator=g)
+    ref = TorchBackend().attend(q, 0, pool, meta, 0.125, window)
+    assert not torch.allclose(ref, TorchBackend().attend(q, 0, pool, meta, 0.125))  # it matters
+    torch.testing.assert_close(
+        CpuBackend().attend(q, 0, pool, meta, 0.125, window), ref, atol=2e-5, rtol=2e-5
+    )
+    got = TritonBackend(splits=2).attend(q, 0, pool, meta, 0.125, window)
+    torch.testing.assert_close(got, ref, atol=4e-3, rtol=0)
+
+
+def test_mistral_sliding_window_matches_hf(tmp_path):
+    """A window shorter than the prompts: chunked prefill and decode over it, against HF."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(**{**TINY, "sliding_window": 8})
+    hf = transformers.MistralForCausalLM(cfg).float().eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    _tiny_tokenizer(TINY["vocab_size"]).save_pretrained(tmp_path)
+    llm = LLM(
+        str(tmp_path),
+        dtype="float32",
+        kv_cache_dtype="fp32",
+        kv_cache_num_blocks=64,
+        block_size=16,
+        max_num_batched_tokens=24,
+        long_prefill_token_threshold=16,
+    )
+    assert llm.engine.model.config.sliding_window == 8
+    for ids, logits in run_recording_logits(llm, [list(range(3, 43)), list(range(50, 61))], steps=6):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(logits, ref[: len(logits)], atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_architecture_lists_the_supported(tmp_path):
     import json
 

@@ -32,7 +32,14 @@ class AttentionBackend(Protocol):
         """Store k, v [tokens, kv_heads, head_dim] (rotated where the format is) in `slots`."""
 
     def attend(
-        self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        layer: int,
+        pool: KvPool,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         """q [T, heads, head_dim] (rotated where the keys are) -> [T, heads * head_dim] in
-        q's dtype, over each sequence's cached blocks (its new tokens included)."""
+        q's dtype, over each sequence's cached blocks (its new tokens included); with a
+        sliding `window`, a query at position p sees keys p - window + 1 .. p only."""

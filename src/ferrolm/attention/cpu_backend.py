@@ -110,12 +110,18 @@ class CpuBackend:
         return (half.data, half.scale, half.staging, format_code(half.fmt), self.tables(half.fmt)[0])
 
     def attend(
-        self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        layer: int,
+        pool: KvPool,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         K, V = pool.keys[layer], pool.values[layer]
         if pool.head_dim not in KERNEL_HEAD_DIMS:  # the reference, rotating as layer.py would
             q = fwht(q) if K.fmt.rotated else q
-            out = self._reference.attend(q, layer, pool, meta, scale)
+            out = self._reference.attend(q, layer, pool, meta, scale, window)
             if V.fmt.rotated:
                 T, HD = out.shape
                 out = fwht(out.view(T, HD // pool.head_dim, pool.head_dim)).view(T, HD)
@@ -135,4 +141,5 @@ class CpuBackend:
             torch.get_num_threads(),
             int(K.fmt.rotated),
             int(V.fmt.rotated),
+            window or 0,
         )

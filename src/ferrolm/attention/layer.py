@@ -30,9 +30,10 @@ class StepContext:
 
 
 class PagedAttention:
-    def __init__(self, layer: int, scale: float) -> None:
+    def __init__(self, layer: int, scale: float, window: int | None = None) -> None:
         self.layer = layer
         self.scale = scale
+        self.window = window  # sliding window (keys a query sees, its own included); None: all
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads * D] in q's dtype."""
@@ -49,7 +50,7 @@ class PagedAttention:
             if lk.value.rotated:
                 v = fwht(v)
         ctx.backend.write(ctx.pool, self.layer, ctx.meta.slot_mapping, k, v)
-        out = ctx.backend.attend(q, self.layer, ctx.pool, ctx.meta, self.scale)
+        out = ctx.backend.attend(q, self.layer, ctx.pool, ctx.meta, self.scale, self.window)
         if rotate_here and lk.value.rotated:  # sum_j p_j (v_j H) = (sum_j p_j v_j) H
             T, HD = out.shape
             D = q.shape[-1]
@@ -66,9 +67,10 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     backend: AttentionBackend | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One layer's attention as a function (tests, tools)."""
     from ferrolm.attention import select_backend
 
     ctx = StepContext(pool, backend or select_backend("auto", pool.spec, q.device), meta)
-    return PagedAttention(layer, scale)(q, k, v, ctx)
+    return PagedAttention(layer, scale, window)(q, k, v, ctx)

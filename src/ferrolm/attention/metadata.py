@@ -28,6 +28,14 @@ class AttentionGroup:
     same_block: torch.Tensor  # [B, 1, Q, L] True where a key sits in the query's own block
     num_seqs: int
     max_q: int
+    q_pos: torch.Tensor | None = None  # [B, 1, Q, 1] each query's position (padding rows: -1)
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """mask, and each query sees only its last `window` keys (padding rows keep key 0)."""
+        L = self.mask.shape[-1]
+        key_pos = torch.arange(L, device=self.mask.device)
+        q_pos = self.q_pos
+        return self.mask & ((key_pos > q_pos - window) | (q_pos < 0))
 
 
 class AttentionMetadata:
@@ -134,7 +142,9 @@ def _group(
     mask[:, :, 0] |= ~q_valid
     token_index = torch.cat([torch.arange(offsets[b], offsets[b + 1]) for b in members])
     q_dest = (torch.arange(B).unsqueeze(1) * max_q + qi.unsqueeze(0))[q_valid]
+    q_pos_or_pad = torch.where(q_valid, q_pos, torch.full_like(q_pos, -1))
     return AttentionGroup(
+        q_pos=q_pos_or_pad.view(B, 1, max_q, 1).to(device),
         token_index=token_index.to(device),
         block_tables=tables.to(device),
         q_dest=q_dest.to(device),

@@ -75,18 +75,24 @@ class TorchBackend:
         pool.write(layer, slots, k, v)
 
     def attend(
-        self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        layer: int,
+        pool: KvPool,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         T, H, D = q.shape
         if len(meta.groups) == 1 and meta.groups[0].token_index.numel() == T:
-            return self._attend_group(q, layer, pool, meta.groups[0], scale)
+            return self._attend_group(q, layer, pool, meta.groups[0], scale, window)
         out = q.new_empty((T, H * D))
         for g in meta.groups:
-            out[g.token_index] = self._attend_group(q[g.token_index], layer, pool, g, scale)
+            out[g.token_index] = self._attend_group(q[g.token_index], layer, pool, g, scale, window)
         return out
 
     def _attend_group(
-        self, q: torch.Tensor, layer: int, pool: KvPool, g: AttentionGroup, scale: float
+        self, q: torch.Tensor, layer: int, pool: KvPool, g: AttentionGroup, scale: float, window=None
     ) -> torch.Tensor:
         """One group: q [Tg, H, D] in the group's token order -> [Tg, H * D]."""
         _, H, D = q.shape
@@ -106,7 +112,8 @@ class TorchBackend:
         if kv.k_stage is not None:  # per-channel keys: the query's own block from staging
             own = torch.matmul(qp, kv.k_stage.transpose(-1, -2)).view(KVH, B, G, Q, L) * scale
             scores = torch.where(g.same_block.unsqueeze(0), own, scores)
-        scores = scores.masked_fill(~g.mask, float("-inf"))
+        mask = g.window_mask(window) if window else g.mask
+        scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).view(KVH, B, G * Q, L)
         if v_scale is not None:
             probs = probs * v_scale.unsqueeze(2)

@@ -215,7 +215,13 @@ class TritonBackend:
         return max(1, min(want, 32, _pow2(max(1, max_ctx // 512))))
 
     def attend(
-        self, q: torch.Tensor, layer: int, pool: KvPool, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        layer: int,
+        pool: KvPool,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None = None,
     ) -> torch.Tensor:
         from ferrolm.kernels.triton_kv import combine_kernel, paged_attention_kernel
 
@@ -283,6 +289,7 @@ class TritonBackend:
             meta.block_tables.stride(0),
             m_tiles,
             scale * 1.4426950408889634,  # log2(e): the kernel's softmax uses exp2
+            window or 0,
             BLOCK_N=BLOCK_N,
             BS=pool.block_size,
             K_KIND=format_kind(kh.fmt),

@@ -40,17 +40,6 @@ class LLMEngine:
         mcfg = self.model.config
         self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
-        window = mcfg.sliding_window
-        if window and self.max_model_len > window:
-            # A sliding window changes nothing while sequences stay inside it; past it, the
-            # attention kernels would need per-layer windows (not built yet).
-            if config.model.max_model_len:
-                raise ValueError(
-                    f"max_model_len {self.max_model_len} is longer than this model's sliding window "
-                    f"({window} tokens), which ferrolm does not apply yet; use max_model_len <= {window}"
-                )
-            log.info("max_model_len %d: this model's sliding window (longer is not supported yet)", window)
-            self.max_model_len = window
         kv = config.kv_cache
         self.kv_spec = kv.spec(mcfg.num_layers)
         self.backend = select_backend(kv.attention_backend, self.kv_spec, self.device)

@@ -181,6 +181,7 @@ inline void fwht(float* x, int64_t n) {
 
 struct Item {
   int32_t seq, head, q0, nq, split;
+  int64_t window;  // > 0: a query at p sees keys p - window + 1 .. p (sliding window)
 };
 
 struct Partial {  // a split's running softmax state, merged afterwards
@@ -292,12 +293,14 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
 
+  const int64_t first_key = it.window > 0 ? std::max<int64_t>(0, pos - it.window + 1) : 0;
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t bi = t / tiles_per_block;
     const int off = (int)((t % tiles_per_block) * TILE);
     const int64_t key0 = bi * bs + off;
     if (key0 > pos) break;
     const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
+    if (key0 + n <= first_key) continue;  // before the sliding window
     const int64_t slot = tables[b * nblk + bi] * bs + off;
     if (t + PREFETCH_TILES < t_end) {
       const int64_t nt = t + PREFETCH_TILES;
@@ -331,6 +334,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     for (int r = 0; r < R; ++r) {
       v16 s = reduce16(part_dot[r]) * km;
       s = lane < (float)n ? s : splat(-INFINITY);
+      s = lane >= (float)(first_key - key0) ? s : splat(-INFINITY);
       const float mn = std::max(m[r], hmax(s));
       const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
       const v16 e = vexp(s - mn);
@@ -467,9 +471,10 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
       const v16 km = load16(own && k_pc ? kmul_own : kmul) * scale;
       const v16 vm = load16(own && v_pc ? vmul_own : vmul);
       const int64_t valid = std::min<int64_t>(n, pos - key0 + 1);  // causal
+      const int64_t lo = it.window > 0 ? pos - it.window + 1 - key0 : 0;  // sliding window
       for (int g = 0; g < G; ++g) {
         const int r = qi * G + g;
-        if (valid <= 0) {
+        if (valid <= 0 || lo >= valid) {
           store16(p + r * TILE, v16{});
           corr[r] = 1.0f;
           continue;
@@ -478,6 +483,7 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
         v16 s = with_nc(D, [&](auto C) { return tile_scores<C()>(qr, kb); });
         s = s * km;
         s = lane < (float)valid ? s : splat(-INFINITY);
+        s = lane >= (float)lo ? s : splat(-INFINITY);
         const float mn = std::max(m[r], hmax(s));
         corr[r] = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
         const v16 e = vexp(s - mn);
@@ -554,7 +560,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
                   const c10::optional<at::Tensor>& v_stage, int64_t v_fmt, const at::Tensor& v_lut,
                   const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
                   const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
-                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out) {
+                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out, int64_t window) {
   TORCH_CHECK(q_in.dim() == 3 && at::isFloatingType(q_in.scalar_type()), "q: [T, H, D], floating point");
   // fp32 inside; the output comes back in q's dtype (one op here, not two dispatches in Python)
   at::Tensor q = q_in.to(at::kFloat).contiguous();
@@ -587,7 +593,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
     longest = std::max<int64_t>(longest, cl[b]);
     for (int32_t q0 = 0; q0 < n; q0 += qt)
       for (int64_t h = 0; h < KVH; ++h)
-        items.push_back({(int32_t)b, (int32_t)h, q0, (int32_t)std::min<int64_t>(qt, n - q0), 0});
+        items.push_back({(int32_t)b, (int32_t)h, q0, (int32_t)std::min<int64_t>(qt, n - q0), 0, window});
   }
   // Too few items to keep every thread busy (one long sequence): split the context.
   int nsplit = 1;
@@ -748,9 +754,9 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::opti
                   const c10::optional<at::Tensor>& v_stage, int64_t v_fmt, const at::Tensor& v_lut,
                   const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
                   const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
-                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out) {
+                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out, int64_t window) {
   return ::attend(q, k_data, k_scale, k_stage, k_fmt, k_lut, v_data, v_scale, v_stage, v_fmt, v_lut, row_of,
-                  block_tables, q_start, ctx_len, block_size, scale, max_rows, num_threads, rot_q, rot_out);
+                  block_tables, q_start, ctx_len, block_size, scale, max_rows, num_threads, rot_q, rot_out, window);
 }
 void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& data,
               const c10::optional<at::Tensor>& scale, int64_t fmt, double qmax, const at::Tensor& mids,
@@ -764,7 +770,7 @@ TORCH_LIBRARY(ferrolm_cpu, m) {
       "attend(Tensor q, Tensor k_data, Tensor? k_scale, Tensor? k_stage, int k_fmt, Tensor k_lut, Tensor v_data, "
       "Tensor? v_scale, Tensor? v_stage, int v_fmt, Tensor v_lut, Tensor? row_of, Tensor block_tables, "
       "Tensor q_start, Tensor ctx_len, int block_size, float scale, int max_rows, int num_threads, int rot_q, "
-      "int rot_out) -> Tensor");
+      "int rot_out, int window=0) -> Tensor");
   m.def("write(Tensor x, Tensor slots, Tensor(a!) data, Tensor(b!)? scale, int fmt, float qmax, Tensor mids, int rotate) -> ()");
 }
 

@@ -13,7 +13,7 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::opti
                   const c10::optional<at::Tensor>& v_stage, int64_t v_fmt, const at::Tensor& v_lut,
                   const c10::optional<at::Tensor>& row_of, const at::Tensor& block_tables,
                   const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
-                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out);
+                  int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out, int64_t window = 0);
 void kv_write(const at::Tensor& x, const at::Tensor& slots, const at::Tensor& data,
               const c10::optional<at::Tensor>& scale, int64_t fmt, double qmax, const at::Tensor& mids,
               int64_t rotate);

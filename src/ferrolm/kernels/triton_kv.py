@@ -293,6 +293,7 @@ def paged_attention_kernel(
     tables_stride,
     m_tiles,
     qk_scale,
+    window,
     G: tl.constexpr,
     GP: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -334,11 +335,14 @@ def paged_attention_kernel(
     if Q_ROT:  # keys stored rotated: q H . k H = q . k
         q = _dot(q, _hadamard(had_ptr, D), tl.float32)
 
-    last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: 0..last-1
+    last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: first..last-1
+    # With a sliding window, from the window of the tile's first query (a whole key tile).
+    first = tl.where(window > 0, tl.maximum(ctx - nq + mt * BLOCK_M - window + 1, 0), 0)
+    first = (first // BLOCK_N) * BLOCK_N
     # This program's share of them, whole key tiles (shapes alone fix the launch, so a
     # CUDA graph can replay it whatever the lengths).
-    per_split = tl.cdiv(tl.cdiv(last, SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    per_split = tl.cdiv(tl.cdiv(last - first, SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * per_split
     hi = tl.minimum(last, lo + per_split)
     m_i = tl.full((R,), NEG, tl.float32)
     l_i = tl.zeros((R,), tl.float32)
@@ -363,6 +367,7 @@ def paged_attention_kernel(
         else:
             s = s * qk_scale
         mask = valid[None, :] & (n[None, :] <= qpos[:, None])
+        mask = mask & ((window == 0) | (n[None, :] > qpos[:, None] - window))
         s = tl.where(mask, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -375,7 +380,7 @@ def paged_attention_kernel(
         m_i = m_new
 
     if SPLITS == 1:
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows saw no key
         if O_ROT:  # values stored rotated: sum_j p_j v_j H = (sum_j p_j v_j) H
             out = _dot(out, _hadamard(had_ptr, D), tl.float32)
         o_rows = (q0 + tok).to(tl.int64) * o_stride_t + head * o_stride_h
@@ -429,7 +434,7 @@ def combine_kernel(
         part = tl.load(part_ptr + (base + r)[:, None] * D + d[None, :])
         wi = tl.sum(tl.where(sp[:, None] == i, w, 0.0), axis=0)
         out += part * wi[:, None]
-    out = out / l_all[:, None]
+    out = out / tl.where(l_all > 0, l_all, 1.0)[:, None]  # padding rows saw no key
     if O_ROT:
         out = _dot(out, _hadamard(had_ptr, D), tl.float32)
     tok = mt * BLOCK_M + r // GP

@@ -60,6 +60,8 @@ def why_not(model, pool: KvPool, backend) -> str | None:
             return "projections not merged"
         if attn.q_norm is not None:
             return "per-head q/k norms"
+        if attn.attn.window:
+            return "a sliding window"
         parts = [_linear_parts(m) for m in (attn.qkv.merged, attn.o_proj, mlp.gate_up.merged, mlp.down_proj)]
         if any(p is None for p in parts) or any(p[1] is not None for p in parts[1:]):
             return "a linear layer of another kind"

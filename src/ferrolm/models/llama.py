@@ -138,7 +138,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = PagedAttention(layer, self.d**-0.5)
+        self.attn = PagedAttention(layer, self.d**-0.5, cfg.sliding_window)
         self.qkv: FusedLinear | None = None  # set by LlamaModel.fuse_projections
 
     def fuse(self) -> None:

@@ -15,6 +15,14 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=False)),  # q/k/v biases
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),  # q/k norms; head_dim != hidden/heads
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    # Gemma 3: local layers with a 12-token window (prompts of 40) and a global layer every 2nd
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            sliding_window=12, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=48
+        ),
+    ),
 }
 
 

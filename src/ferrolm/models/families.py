@@ -1,8 +1,8 @@
 """Architectures ferrolm loads: GGUF `general.architecture` / HF `model_type` -> a family.
 
-A family says how to read a checkpoint into the decoder in `llama.py` (Llama, Mistral,
-Qwen2 and Qwen3 share its layout: RMSNorm, RoPE with rotate-half, GQA, SwiGLU) and what
-differs: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), a sliding window
+A family names its model module (`llama.py`: Llama, Mistral, Qwen2 and Qwen3 share its
+layout of RMSNorm, rotate-half RoPE, GQA and SwiGLU; `gemma3.py`: Gemma 3) and, for the
+Llama layout, what differs: q/k/v biases (Qwen2), per-head q/k RMSNorm before RoPE (Qwen3), a sliding window
 (Mistral, where the config sets one), and whether llama.cpp's converter permuted the
 Q/K rows for its interleaved RoPE (only Llama-style models: `llama` GGUFs, which include
 Mistral's and SmolLM's). Everything a family changes is data here, not an `if` chain in
@@ -23,6 +23,15 @@ class Family:
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE
     gguf_permuted_qk: bool = False  # llama.cpp permuted Q/K rows (undo when reading GGUF)
     sliding_window_key: str | None = None  # the HF config key of an optional sliding window
+    module: str = "llama"  # models/<module>.py holds the model and its config class
+
+    def classes(self):
+        """(config class, model class) of the family."""
+        import importlib
+
+        mod = importlib.import_module(f"ferrolm.models.{self.module}")
+        name = {"llama": "Llama", "gemma3": "Gemma3"}[self.module]
+        return getattr(mod, f"{name}Config"), getattr(mod, f"{name}Model")
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -30,6 +39,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", ("mistral",), ("mistral",), gguf_permuted_qk=True, sliding_window_key="sliding_window"),
     Family("qwen2", ("qwen2",), ("qwen2",), attention_bias=True, sliding_window_key=None),
     Family("qwen3", ("qwen3",), ("qwen3",), attention_bias=False, qk_norm=True),
+    Family("gemma3", ("gemma3_text", "gemma3"), ("gemma3",), qk_norm=True, module="gemma3"),
 )
 
 
@@ -42,6 +52,10 @@ def family_for_hf(model_type: str) -> Family:
         if model_type in f.hf_model_types:
             return f
     raise ValueError(f"model_type {model_type!r} is not supported (supported: {supported()})")
+
+
+def family_by_name(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)
 
 
 def family_for_gguf(arch: str | None) -> Family:

@@ -53,6 +53,9 @@ class LlamaConfig:
         from ferrolm.models.families import family_for_hf
 
         fam = family_for_hf(cfg.get("model_type", "llama"))
+        config_class = fam.classes()[0]
+        if config_class is not cls and cls is LlamaConfig:  # another family's own config
+            return config_class.from_hf(cfg)
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -207,6 +210,10 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE frequencies (buffers made on the meta device hold none)."""
+        self.inv_freq = rope_inv_freq(self.config)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ferrolm.models.families import family_for_gguf
-from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+from ferrolm.models.llama import LlamaConfig, LlamaModel
 from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, q4_from_gguf, q8_from_gguf
 
 # GGUF types kept as shipped by weight_dtype "auto" (linear layers only).
@@ -88,8 +88,11 @@ def build_model(
     weights = {k.removeprefix("model."): v for k, v in weights.items()}
     if "lm_head.weight" not in weights:
         cfg.tie_word_embeddings = True
+    from ferrolm.models.families import family_by_name
+
+    model_class = family_by_name(cfg.family).classes()[1]
     with torch.device("meta"):
-        model = LlamaModel(cfg)
+        model = model_class(cfg)
     model = model.to_empty(device="cpu")
     packed = {k: w for k, w in weights.items() if isinstance(w, (Q4Weight, Q8Weight))}
     for name, w in packed.items():  # these linear layers keep their weights as shipped
@@ -106,7 +109,7 @@ def build_model(
     if cfg.tie_word_embeddings and "lm_head.weight" not in packed:
         model.lm_head.weight = model.embed_tokens.weight
     model = model.to_compute_dtype(dtype)
-    model.inv_freq = rope_inv_freq(cfg)  # meta buffers hold no data; frequencies stay fp32
+    model.init_rope()  # meta buffers hold no data; frequencies stay fp32
     # Moved before the projections are merged: the merged weights are made where they run.
     return model.to(device).eval().requires_grad_(False).fuse_projections()
 

@@ -11,7 +11,7 @@ the loader. An unknown architecture is rejected with the supported list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,13 @@ class Family:
     gguf_permuted_qk: bool = False  # llama.cpp permuted Q/K rows (undo when reading GGUF)
     sliding_window_key: str | None = None  # the HF config key of an optional sliding window
     module: str = "llama"  # models/<module>.py holds the model and its config class
+    gguf_names: dict = field(default_factory=dict)  # GGUF layer tensor -> HF module, overrides
+    gguf_norm_offset: float = 0.0  # llama.cpp stored the norm weights plus this (Gemma: 1)
+    gguf_extra: dict = field(default_factory=dict)  # config field -> GGUF key (after the arch)
+
+    def gguf_config(self, m) -> dict:
+        """The family's own config fields from GGUF metadata (m: key after the arch -> value)."""
+        return {k: m(key) for k, key in self.gguf_extra.items() if m(key) is not None}
 
     def classes(self):
         """(config class, model class) of the family."""
@@ -39,7 +46,23 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral", ("mistral",), ("mistral",), gguf_permuted_qk=True, sliding_window_key="sliding_window"),
     Family("qwen2", ("qwen2",), ("qwen2",), attention_bias=True, sliding_window_key=None),
     Family("qwen3", ("qwen3",), ("qwen3",), attention_bias=False, qk_norm=True),
-    Family("gemma3", ("gemma3_text", "gemma3"), ("gemma3",), qk_norm=True, module="gemma3"),
+    Family(
+        "gemma3",
+        ("gemma3_text", "gemma3"),
+        ("gemma3",),
+        qk_norm=True,
+        sliding_window_key="sliding_window",
+        module="gemma3",
+        # llama.cpp's Gemma 3: ffn_norm is the pre-MLP norm, and two post-sublayer norms.
+        gguf_names={
+            "ffn_norm": "pre_feedforward_layernorm",
+            "post_attention_norm": "post_attention_layernorm",
+            "post_ffw_norm": "post_feedforward_layernorm",
+        },
+        gguf_norm_offset=1.0,
+        # The attention scale's query_pre_attn_scalar is the head size up to 12B (27B differs).
+        gguf_extra={"query_pre_attn_scalar": "attention.key_length"},
+    ),
 )
 
 

@@ -34,6 +34,10 @@ class Gemma3Config(LlamaConfig):
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.layer_types:  # Gemma 3's pattern (and llama.cpp's): every sixth layer global
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(self.num_layers)]
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> Gemma3Config:
         cfg = cfg.get("text_config", cfg)  # the multimodal config nests the text model's

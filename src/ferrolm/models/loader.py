@@ -162,7 +162,7 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
     if m("rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": m("rope.scaling.factor")}
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    cfg = LlamaConfig(
+    cfg = fam.classes()[0](
         vocab_size=int(vocab),
         hidden_size=int(hidden),
         intermediate_size=int(m("feed_forward_length")),
@@ -180,16 +180,22 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
         family=fam.name,
         qk_norm=fam.qk_norm,
         sliding_window=m("attention.sliding_window") if fam.sliding_window_key else None,
+        **fam.gguf_config(m),
     )
     weights: dict[str, torch.Tensor] = {}
     for name, w in tensors.items():
         if name in _GGUF_NAMES:
+            if fam.gguf_norm_offset and name == "output_norm.weight":
+                w = w - fam.gguf_norm_offset
             weights[_GGUF_NAMES[name]] = w
             continue
         match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-        if not match or match.group(2) not in _GGUF_LAYER_NAMES:
+        names = {**_GGUF_LAYER_NAMES, **fam.gguf_names}
+        if not match or match.group(2) not in names:
             continue  # e.g. rope_freqs: recomputed from the config
         layer, part, kind = match.groups()
+        if fam.gguf_norm_offset and part.endswith("norm"):  # stored as offset + w
+            w = w - fam.gguf_norm_offset
         if part in ("attn_q", "attn_k") and fam.gguf_permuted_qk:
             n = cfg.num_heads if part == "attn_q" else cfg.num_kv_heads
             w = (
@@ -197,7 +203,7 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
                 if isinstance(w, Q4Weight)
                 else _unpermute(w, n)
             )
-        weights[f"layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"] = w
+        weights[f"layers.{layer}.{names[part]}.{kind}"] = w
     return cfg, weights
 
 

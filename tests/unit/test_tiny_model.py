@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+from recording import step_logits
 
 from ferrolm import LLM, KvCacheDtype, SamplingParams
 
@@ -27,18 +28,8 @@ def test_prefill_and_decode_logits_match_hf(llm32, tiny_hf_model):
     """Every decode step's logits equal HF's full forward on the same tokens."""
     eng = llm32.engine
     prompt = list(range(3, 40))
-    eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
-    seq = eng.requests["p"].seqs[0]
-    steps = []
-    while eng.has_unfinished():
-        batch = eng.scheduler.schedule()
-        logits = eng.runner.execute(batch)
-        for item in batch:
-            item.seq.num_computed += item.num_new_tokens
-        steps.append(logits[0])
-        token = int(logits[0].argmax())
-        eng._append_token(seq, token, None)
-    ref = _hf_logits(tiny_hf_model, seq.token_ids)
+    token_ids, steps = step_logits(eng, prompt, 10)
+    ref = _hf_logits(tiny_hf_model, token_ids)
     for i, got in enumerate(steps):
         torch.testing.assert_close(got, ref[len(prompt) - 1 + i], atol=1e-4, rtol=1e-4)
     assert eng.stats()["kv_blocks_used"] == 0

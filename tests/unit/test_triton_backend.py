@@ -222,7 +222,9 @@ def test_kernels_compile_for_hopper():
 def test_cuda_engine_matches_hf(tiny_model_dir, tiny_hf_model):
     """The engine on CUDA (model, pool and step tensors there; Triton attention; fp32
     compute and cache) against HF on the CPU: every decode step's logits."""
-    from ferrolm import LLM, SamplingParams
+    from recording import step_logits
+
+    from ferrolm import LLM
 
     llm = LLM(
         str(tiny_model_dir), dtype="float32", kv_cache_dtype="fp32", kv_cache_num_blocks=64, device="cuda"
@@ -230,17 +232,8 @@ def test_cuda_engine_matches_hf(tiny_model_dir, tiny_hf_model):
     eng = llm.engine
     assert eng.backend.name == "triton" and eng.pool.keys[0].data.is_cuda
     prompt = list(range(3, 40))
-    eng.add_request("p", prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
-    seq = eng.requests["p"].seqs[0]
-    steps = []
-    while eng.has_unfinished():
-        batch = eng.scheduler.schedule()
-        logits = eng.runner.execute(batch)
-        for item in batch:
-            item.seq.num_computed += item.num_new_tokens
-        steps.append(logits[0].cpu())
-        eng._append_token(seq, int(logits[0].argmax()), None)
+    token_ids, steps = step_logits(eng, prompt, 10)
     with torch.no_grad():
-        ref = tiny_hf_model(torch.tensor([seq.token_ids])).logits[0]
+        ref = tiny_hf_model(torch.tensor([token_ids])).logits[0]
     for i, got in enumerate(steps):
         torch.testing.assert_close(got, ref[len(prompt) - 1 + i], atol=2e-3, rtol=2e-3)

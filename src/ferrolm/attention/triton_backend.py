@@ -60,6 +60,7 @@ def _interpreter_compat() -> None:
     it._patch_lang_tensor = patched
 
 
+@functools.cache  # per format (rows are frozen): attend asks per layer and step
 def format_kind(fmt: KvFormat) -> int | None:
     """kernels/triton_kv.py's kind of a format (None: the kernels cannot store or read it)."""
     if fmt.per_channel_block:
@@ -75,6 +76,12 @@ def format_kind(fmt: KvFormat) -> int | None:
             return 3 if len(fmt.codebook) == 16 else None
         return 2 if fmt.rounds and fmt.qmax == 7.0 else None
     return None
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of a GPU (asked once: attend runs per layer and step)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -209,7 +216,7 @@ class TritonBackend:
             return self.force_splits
         if device.type != "cuda":
             return 1
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device)
         want = _pow2(_cdiv(2 * sms, max(programs, 1)))
         if quantized:  # 1, 2, 4 splits from 2k, 4k, 8k keys
             want = max(want, min(4, 1 << max(0, (max_ctx // 2048).bit_length() - 1)))

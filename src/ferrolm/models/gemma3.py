@@ -11,6 +11,7 @@ norms and logits in fp32, linear layers in the compute dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferrolm.attention import PagedAttention, StepContext
-from ferrolm.models.fused import FusedLinear, fuse
-from ferrolm.models.llama import LlamaConfig, LlamaModel, rope_
+from ferrolm.models.llama import MLP, Attention, LlamaConfig, LlamaModel
 from ferrolm.models.llama import rope_inv_freq as _llama_inv_freq
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -87,48 +87,26 @@ class GemmaRMSNorm(nn.Module):
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
         return y.to(out_dtype or x.dtype)
 
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head norm (q/k norms, as llama.py's Attention calls it): same shape and dtype."""
+        return self(x)
 
-class Gemma3Attention(nn.Module):
+
+class Gemma3Attention(Attention):
+    """Llama's attention with Gemma's (1 + w) q/k norms, query_pre_attn_scalar and a window
+    on local layers only."""
+
     def __init__(self, cfg: Gemma3Config, layer: int) -> None:
-        super().__init__()
-        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kvh * self.d, bias=bias)
-        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=bias)
+        super().__init__(cfg, layer)
         self.q_norm = GemmaRMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.d, cfg.rms_norm_eps)
         self.local = cfg.layer_types[layer] == SLIDING
         window = cfg.sliding_window if self.local else None
         self.attn = PagedAttention(layer, cfg.query_pre_attn_scalar**-0.5, window)
-        self.qkv: FusedLinear | None = None
-
-    def fuse(self) -> None:
-        object.__setattr__(self, "qkv", fuse([self.q_proj, self.k_proj, self.v_proj]))
-
-    def forward(self, x, cos, sin, ctx: StepContext) -> torch.Tensor:
-        T = x.shape[0]
-        if self.qkv is not None:
-            q, k, v = self.qkv.split(self.qkv(x))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = rope_(self.q_norm(q.reshape(T, self.h, self.d)).contiguous(), cos, sin)
-        k = rope_(self.k_norm(k.reshape(T, self.kvh, self.d)).contiguous(), cos, sin)
-        v = v.reshape(T, self.kvh, self.d).contiguous()
-        return self.o_proj(self.attn(q, k, v, ctx))
 
 
-class Gemma3MLP(nn.Module):
-    def __init__(self, cfg: Gemma3Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up: FusedLinear | None = None
-
-    def fuse(self) -> None:
-        object.__setattr__(self, "gate_up", fuse([self.gate_proj, self.up_proj]))
+class Gemma3MLP(MLP):
+    """GeGLU: gelu_tanh(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
@@ -184,9 +162,9 @@ class Gemma3Model(LlamaModel):
             freqs = positions.float().unsqueeze(-1) * inv.unsqueeze(0)
             emb = torch.cat((freqs, freqs), dim=-1)
             rope[local] = (emb.cos(), emb.sin())
-        # The embedding scale rounded to the embedding's dtype, as HF does.
-        scale = torch.tensor(math.sqrt(self.config.hidden_size)).to(self.embed_tokens.weight.dtype)
-        x = (self.embed_tokens(input_ids) * scale.to(input_ids.device)).float()
+        # The embedding scale rounded to the embedding's dtype, as HF does (a Python number:
+        # no tensor made per step, which a CUDA graph could not capture).
+        x = (self.embed_tokens(input_ids) * _embed_scale(self.config.hidden_size, self.dtype)).float()
         for layer in self.layers:
             layer(x, rope, ctx)
         return self.norm(x, torch.float32)
@@ -196,6 +174,11 @@ class Gemma3Model(LlamaModel):
         logits = super().compute_logits(hidden)
         cap = self.config.final_logit_softcapping
         return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@functools.cache
+def _embed_scale(hidden: int, dtype: torch.dtype) -> float:
+    return float(torch.tensor(math.sqrt(hidden)).to(dtype))
 
 
 def rope_inv_freq(cfg: Gemma3Config) -> torch.Tensor:

@@ -293,14 +293,15 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
 
+  // A sliding window starts the walk at the tile holding its first key.
   const int64_t first_key = it.window > 0 ? std::max<int64_t>(0, pos - it.window + 1) : 0;
-  for (int64_t t = t_begin; t < t_end; ++t) {
+  const int64_t t_first = first_key / bs * tiles_per_block + first_key % bs / TILE;
+  for (int64_t t = std::max(t_begin, t_first); t < t_end; ++t) {
     const int64_t bi = t / tiles_per_block;
     const int off = (int)((t % tiles_per_block) * TILE);
     const int64_t key0 = bi * bs + off;
     if (key0 > pos) break;
     const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
-    if (key0 + n <= first_key) continue;  // before the sliding window
     const int64_t slot = tables[b * nblk + bi] * bs + off;
     if (t + PREFETCH_TILES < t_end) {
       const int64_t nt = t + PREFETCH_TILES;
@@ -334,7 +335,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     for (int r = 0; r < R; ++r) {
       v16 s = reduce16(part_dot[r]) * km;
       s = lane < (float)n ? s : splat(-INFINITY);
-      s = lane >= (float)(first_key - key0) ? s : splat(-INFINITY);
+      if (first_key > key0) s = lane >= (float)(first_key - key0) ? s : splat(-INFINITY);  // window
       const float mn = std::max(m[r], hmax(s));
       const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
       const v16 e = vexp(s - mn);

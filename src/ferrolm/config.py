@@ -35,6 +35,7 @@ class ModelConfig(_Part):
     max_logprobs: int = Field(default=20, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     enforce_eager: bool = False
+    chat_template: str | None = None  # a built-in name, a Jinja file or a Jinja string
 
     @field_validator("dtype", "weight_dtype", mode="before")
     @classmethod
@@ -239,6 +240,13 @@ ENGINE_FLAGS: dict[str, Flag] = {
         "model",
         "enforce_eager",
         "Run every step eagerly: no CUDA graphs for decode steps (with the Triton backend).",
+    ),
+    "chat_template": Flag(
+        "model",
+        "chat_template",
+        "Chat template for /v1/chat/completions and --chat, overriding the model's: a built-in "
+        "(gemma, chatml, mistral), a Jinja file or a Jinja string [default: the model's own; "
+        "its family's built-in where the file has none].",
     ),
     "max_model_len": Flag("model", "max_model_len", "Longest prompt + completion [default: the model's]."),
     "max_logprobs": Flag("model", "max_logprobs", "Most logprobs a request may ask for per token."),

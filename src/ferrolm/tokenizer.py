@@ -15,17 +15,52 @@ from typing import Any
 from ferrolm.paths import ferrolm_home
 
 
+# Tokens that end a turn or a text in the common formats: generation stops at any of them
+# the vocabulary holds as a token (llama.cpp's end-of-generation set), so a chat reply
+# ends at its turn's end even where the file names only the text's end as EOS.
+END_OF_GENERATION = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+
+
 class Tokenizer:
-    def __init__(self, hf_tokenizer: Any, extra_eos_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        extra_eos_ids: list[int] | None = None,
+        chat_template: str | None = None,
+        family_template: str | None = None,
+    ) -> None:
+        """chat_template: `--chat-template` (overrides the model's); family_template: the
+        built-in used when the model's files carry none."""
         self.hf = hf_tokenizer
         eos = set(extra_eos_ids or [])
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))
+        eos.update(self._end_of_generation_ids())
         self.eos_token_ids: frozenset[int] = frozenset(eos)
+        self.chat_template, self.chat_template_source = self._pick_template(chat_template, family_template)
+
+    def _end_of_generation_ids(self) -> set[int]:
+        vocab = self.hf.get_vocab()
+        special = set(getattr(self.hf, "all_special_tokens", [])) | {
+            t.content for t in getattr(self.hf, "added_tokens_decoder", {}).values()
+        }
+        return {vocab[t] for t in END_OF_GENERATION if t in vocab and t in special}
+
+    def _pick_template(self, override: str | None, family: str | None) -> tuple[str | None, str]:
+        from ferrolm.models import chat_templates
+
+        if override:
+            return chat_templates.resolve(override)
+        own = getattr(self.hf, "chat_template", None)
+        if own:
+            return own, "the model's"
+        if family:
+            return chat_templates.BUILTIN[family], f"built-in {family!r} (the model's files have none)"
+        return None, "none"
 
     @classmethod
-    def from_model_path(cls, path: str | Path, extra_eos_ids: list[int] | None = None) -> Tokenizer:
-        return cls(load_hf_tokenizer(Path(path)), extra_eos_ids)
+    def from_model_path(cls, path: str | Path, extra_eos_ids: list[int] | None = None, **templates) -> Tokenizer:
+        return cls(load_hf_tokenizer(Path(path)), extra_eos_ids, **templates)
 
     @property
     def vocab_size(self) -> int:
@@ -39,9 +74,13 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation, ending with the assistant's turn opened."""
-        if not getattr(self.hf, "chat_template", None):
-            raise ValueError("this model has no chat template; send a plain prompt instead")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not self.chat_template:
+            raise ValueError(
+                "this model has no chat template; send a plain prompt, or start with --chat-template"
+            )
+        text = self.hf.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
         # The template already holds any BOS it wants; don't add special tokens twice.
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 

@@ -59,3 +59,25 @@ def test_every_small_kv_format_generates_sense(gemma_path, kv):
     llm = LLM(str(gemma_path), kv_cache_memory_gb=0.5, max_model_len=1024, **flags)
     out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8))
     assert "France" in out[0].text or "Paris" in out[0].text, out[0].text
+
+
+def test_chat_endpoint_answers_through_the_gemma_builtin_template(gemma_path):
+    """The base GGUF carries no chat template: the family's turn format stands in (a
+    few-shot turn, since a base model was not tuned to answer), and the reply is the
+    model's own continuation of that format."""
+    import openai
+    from serving import running_server
+
+    turns = [
+        {"role": "user", "content": "What is the capital of Italy?"},
+        {"role": "assistant", "content": "The capital of Italy is Rome."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    with running_server(str(gemma_path), served_name="gemma3-270m", kv_cache_memory_gb=0.2) as (url, engine):
+        tok = engine.tokenizer
+        assert "built-in 'gemma'" in tok.chat_template_source
+        assert tok.hf.convert_tokens_to_ids("<end_of_turn>") in tok.eos_token_ids
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model="gemma3-270m", messages=turns, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content.startswith("The capital of France is Paris")
+    assert r.usage.prompt_tokens == len(tok.apply_chat_template(turns))

@@ -17,6 +17,7 @@ from ferrolm.engine.scheduler import ScheduledSeq, Scheduler
 from ferrolm.engine.sequence import Request, SeqStatus, Sequence
 from ferrolm.kv.blocks import BlockManager, blocks_needed
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget, staging_bytes
+from ferrolm.models.families import family_by_name
 from ferrolm.models.loader import load_model
 from ferrolm.models.registry import resolve_model
 from ferrolm.runtime import resolve_compute_dtype, resolve_device, tune_allocator
@@ -38,7 +39,12 @@ class LLMEngine:
         self.model = load_model(path, self.compute_dtype, "auto" if keep else "dense", self.device)
         self.weights = self.model.weights_description()
         mcfg = self.model.config
-        self.tokenizer = Tokenizer.from_model_path(path, mcfg.eos_token_ids)
+        self.tokenizer = Tokenizer.from_model_path(
+            path,
+            mcfg.eos_token_ids,
+            chat_template=config.model.chat_template,
+            family_template=family_by_name(mcfg.family).chat_template,
+        )
         self.max_model_len = config.model.max_model_len or mcfg.max_position_embeddings
         kv = config.kv_cache
         self.kv_spec = kv.spec(mcfg.num_layers)
@@ -100,6 +106,7 @@ class LLMEngine:
             num_blocks,
             bs,
         )
+        log.info("chat template: %s", self.tokenizer.chat_template_source)
 
     # --- requests ------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

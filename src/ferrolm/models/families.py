@@ -27,6 +27,7 @@ class Family:
     gguf_names: dict = field(default_factory=dict)  # GGUF layer tensor -> HF module, overrides
     gguf_norm_offset: float = 0.0  # llama.cpp stored the norm weights plus this (Gemma: 1)
     gguf_extra: dict = field(default_factory=dict)  # config field -> GGUF key (after the arch)
+    chat_template: str = "chatml"  # built-in turn format for files without a template
 
     def gguf_config(self, m) -> dict:
         """The family's own config fields from GGUF metadata (m: key after the arch -> value)."""
@@ -43,7 +44,14 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), ("llama", "smollm", "smollm2"), gguf_permuted_qk=True),
-    Family("mistral", ("mistral",), ("mistral",), gguf_permuted_qk=True, sliding_window_key="sliding_window"),
+    Family(
+        "mistral",
+        ("mistral",),
+        ("mistral",),
+        gguf_permuted_qk=True,
+        sliding_window_key="sliding_window",
+        chat_template="mistral",
+    ),
     Family("qwen2", ("qwen2",), ("qwen2",), attention_bias=True, sliding_window_key=None),
     Family("qwen3", ("qwen3",), ("qwen3",), attention_bias=False, qk_norm=True),
     Family(
@@ -62,6 +70,7 @@ FAMILIES: tuple[Family, ...] = (
         gguf_norm_offset=1.0,
         # The attention scale's query_pre_attn_scalar is the head size up to 12B (27B differs).
         gguf_extra={"query_pre_attn_scalar": "attention.key_length"},
+        chat_template="gemma",
     ),
 )
 

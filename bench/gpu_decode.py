@@ -126,7 +126,7 @@ def decode_steps(runner: ModelRunner, c: int, ctx: int, steps: int, nblk: int) -
     device = runner.model.device
     vocab = runner.model.config.vocab_size
     seqs = [
-        SimpleNamespace(block_table=list(range(i * nblk, (i + 1) * nblk)), token_ids=[], num_computed=ctx)
+        SimpleNamespace(block_tables=[list(range(i * nblk, (i + 1) * nblk))], token_ids=[], num_computed=ctx)
         for i in range(c)
     ]
     ids = torch.randint(0, vocab, (c,)).tolist()

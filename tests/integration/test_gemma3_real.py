@@ -30,16 +30,20 @@ def test_loads_as_gemma3_with_its_windows(llm):
     cfg = llm.engine.model.config
     assert cfg.family == "gemma3" and cfg.sliding_window == 512 and cfg.num_kv_heads == 1
     assert cfg.layer_types.count("full_attention") == 3  # layers 5, 11, 17 of 18
+    groups = llm.engine.kv_groups  # block tables of 3 layers: five local groups, one global
+    assert groups.windows == (512,) * 5 + (None,) and groups.group_size == 3
 
 
 def test_logits_and_greedy_ids_match_hf_past_the_window(llm, gemma_path):
-    """A 600-token prompt (local layers see only their last 512 keys) and 8 decode steps."""
+    """A 900-token prompt (local layers see only their last 512 keys, and have dropped the
+    blocks before them: 128-token blocks 0 and 1 once 768 tokens are computed) and 8 decode
+    steps."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(
         gemma_path.parent, gguf_file=gemma_path.name, dtype=torch.float32
     ).eval()
-    prompt = llm.tokenizer.encode(sotu_text())[:600]
+    prompt = llm.tokenizer.encode(sotu_text())[:900]
     [(ids, logits)] = run_recording_logits(llm, [prompt], 8)
     with torch.no_grad():
         ref = hf(torch.tensor([ids[:-1]])).logits[0]

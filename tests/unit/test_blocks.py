@@ -8,9 +8,13 @@ from ferrolm.kv.blocks import BlockManager, blocks_needed
 @dataclass
 class Seq:
     token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
     num_computed: int = 0
+
+    @property
+    def block_table(self) -> list[int]:  # the one group of a model without windows
+        return self.block_tables[0] if self.block_tables else []
 
 
 def test_blocks_needed():
@@ -31,7 +35,7 @@ def test_grow_and_free_return_to_initial_state():
         bm.grow(a, 100)
     bm.free(a)
     bm.free(b)
-    assert bm.num_free == 8 and a.block_table == [] and sorted(bm.free_ids) == list(range(8))
+    assert bm.num_free == 8 and a.block_tables == [] and sorted(bm.free_ids) == list(range(8))
 
 
 def _computed(bm, tokens):
@@ -48,19 +52,19 @@ def test_prefix_chain_reuse_and_ref_counts():
     a = _computed(bm, range(10))  # blocks: [0..3] [4..7] partial [8, 9]
     assert len(a.block_hashes) == 2
     # Same first block, different second: only the first is shared.
-    assert bm.lookup([0, 1, 2, 3, 4, 5, 6, 99, 1]) == a.block_table[:1]
+    assert bm.lookup([0, 1, 2, 3, 4, 5, 6, 99, 1]).tables[0] == a.block_table[:1]
     # The last token is always left to compute: 8 tokens match one block, 9 match two.
-    assert bm.lookup(list(range(8))) == a.block_table[:1]
-    assert bm.lookup(list(range(9))) == a.block_table[:2]
+    assert bm.lookup(list(range(8))).tables[0] == a.block_table[:1]
+    assert bm.lookup(list(range(9))).tables[0] == a.block_table[:2]
     b = _computed(bm, list(range(9)))
     assert b.block_table[:2] == a.block_table[:2] and bm.ref_counts[a.block_table[0]] == 2
     # A different first block breaks the chain even if later blocks are equal.
-    assert bm.lookup([9, 1, 2, 3, 4, 5, 6, 7, 8]) == []
+    assert bm.lookup([9, 1, 2, 3, 4, 5, 6, 7, 8]).num_blocks == 0
     bm.free(a)
     bm.free(b)
     assert bm.num_free == 8 and all(r == 0 for r in bm.ref_counts)
     # Freed blocks stay cached until they are handed out again.
-    assert len(bm.lookup(list(range(10)))) == 2
+    assert bm.lookup(list(range(10))).num_blocks == 2
 
 
 def test_lru_eviction_forgets_the_oldest_freed_first():
@@ -71,11 +75,11 @@ def test_lru_eviction_forgets_the_oldest_freed_first():
     bm.free(old)
     bm.free(new)
     _computed(bm, [9, 9, 9, 9])  # takes the two least recently freed blocks: old's
-    assert bm.lookup([1, 2, 3]) == []
-    assert bm.lookup([5, 6, 7]) == [new_first]
+    assert bm.lookup([1, 2, 3]).num_blocks == 0
+    assert bm.lookup([5, 6, 7]).tables == [[new_first]]
 
 
 def test_disabled_prefix_caching_never_matches():
     bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
     _computed(bm, range(10))
-    assert bm.lookup(list(range(10))) == [] and bm.cached == {}
+    assert bm.lookup(list(range(10))).num_blocks == 0 and bm.cached == {}

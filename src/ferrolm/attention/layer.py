@@ -27,6 +27,13 @@ class StepContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     plan: object | None = None
+    group_metas: list[AttentionMetadata] | None = None  # per KV group, where there are several
+
+    def meta_for(self, layer: int) -> AttentionMetadata:
+        """The metadata over the block tables of the layer's KV group."""
+        if self.group_metas is None:
+            return self.meta
+        return self.group_metas[self.pool.groups.layer_group[layer]]
 
 
 class PagedAttention:
@@ -49,8 +56,9 @@ class PagedAttention:
                 q, k = fwht(q), fwht(k)
             if lk.value.rotated:
                 v = fwht(v)
-        ctx.backend.write(ctx.pool, self.layer, ctx.meta.slot_mapping, k, v)
-        out = ctx.backend.attend(q, self.layer, ctx.pool, ctx.meta, self.scale, self.window)
+        meta = ctx.meta_for(self.layer)
+        ctx.backend.write(ctx.pool, self.layer, meta.slot_mapping, k, v)
+        out = ctx.backend.attend(q, self.layer, ctx.pool, meta, self.scale, self.window)
         if rotate_here and lk.value.rotated:  # sum_j p_j (v_j H) = (sum_j p_j v_j) H
             T, HD = out.shape
             D = q.shape[-1]

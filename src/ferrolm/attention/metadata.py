@@ -11,6 +11,7 @@ does not pad every decode to its length).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -53,25 +54,37 @@ class AttentionMetadata:
         self.device = device
         self.num_new = num_new_tokens
         self.starts = start_positions
-        self._tables = block_tables
         B = len(block_tables)
-        nblk = max(len(t) for t in block_tables)
-        tables = torch.zeros((B, nblk), dtype=torch.int32)
-        for i, t in enumerate(block_tables):  # one C-level copy per sequence
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         news = torch.tensor(num_new_tokens, dtype=torch.int32)
         starts = torch.tensor(start_positions, dtype=torch.int32)
         q_start = torch.zeros(B + 1, dtype=torch.int32)
         torch.cumsum(news, 0, out=q_start[1:])
         seq_of = torch.repeat_interleave(torch.arange(B), news.long())  # [T]
         pos = starts.long()[seq_of] + torch.arange(len(seq_of)) - q_start.long()[seq_of]
-        blocks = tables.long()[seq_of, pos // block_size]
-        self.slot_mapping = (blocks * block_size + pos % block_size).to(device)
-        self.block_tables = tables.to(device)  # [B, nblk] int32, padded with block 0
+        self._token_block = (seq_of, pos // block_size, pos % block_size)
+        self._set_tables(block_tables)
         self.q_start = q_start.to(device)  # [B + 1] int32: sequence b's tokens are q_start[b]..[b+1]
         self.ctx_len = (starts + news).to(device)  # [B] int32: keys each sequence has after the step
         self.max_q = max(num_new_tokens)  # the most new tokens of one sequence
         self.max_context = max(s + n for s, n in zip(start_positions, num_new_tokens))
+
+    def _set_tables(self, block_tables: list[list[int]]) -> None:
+        self._tables = block_tables
+        nblk = max(len(t) for t in block_tables)
+        tables = torch.zeros((len(block_tables), nblk), dtype=torch.int32)
+        for i, t in enumerate(block_tables):  # one C-level copy per sequence
+            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        seq_of, block_index, offset = self._token_block
+        blocks = tables.long()[seq_of, block_index]
+        self.slot_mapping = (blocks * self.block_size + offset).to(self.device)
+        self.block_tables = tables.to(self.device)  # [B, nblk] int32, padded with block 0
+
+    def with_tables(self, block_tables: list[list[int]]) -> AttentionMetadata:
+        """The same step over another KV group's block tables (kv/groups.py)."""
+        meta = copy.copy(self)
+        meta.__dict__.pop("groups", None)  # the torch reference's grids hold the tables
+        meta._set_tables(block_tables)
+        return meta
 
     @classmethod
     def static_decode(

@@ -52,11 +52,13 @@ class DecodeGraphs:
         """Decode-only steps (one new token per sequence, its logits wanted) that fit."""
         if self.failed or all_logits or not batch or len(batch) > self.sizes[-1]:
             return False
+        if self.pool.groups.num_groups > 1:  # one static table per KV group: not captured yet
+            return False
         if any(item.num_new_tokens != 1 for item in batch):
             return False
         if rows is not None and any(r != [0] for r in rows):
             return False
-        return max(len(item.seq.block_table) for item in batch) <= self.max_blocks
+        return max(len(item.seq.block_tables[0]) for item in batch) <= self.max_blocks
 
     def run(self, batch) -> torch.Tensor | None:
         """fp32 logits [B, V] of the batch's decode step (None: capture failed, run it
@@ -65,14 +67,14 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= B)
         bs = self.pool.block_size
         ids, pos, slots = [], [], []
-        nblk = max(len(item.seq.block_table) for item in batch)
+        nblk = max(len(item.seq.block_tables[0]) for item in batch)
         flat = [0] * (size * nblk)
         for i, item in enumerate(batch):
             seq = item.seq
             p = seq.num_computed
             ids.append(seq.token_ids[p])
             pos.append(p)
-            table = seq.block_table
+            table = seq.block_tables[0]
             slots.append(table[p // bs] * bs + p % bs)
             flat[i * nblk : i * nblk + len(table)] = table
         pad = [0] * (size - B)

@@ -15,7 +15,8 @@ from ferrolm.engine.sampler import sample
 from ferrolm.engine.sampling_params import SamplingParams
 from ferrolm.engine.scheduler import ScheduledSeq, Scheduler
 from ferrolm.engine.sequence import Request, SeqStatus, Sequence
-from ferrolm.kv.blocks import BlockManager, blocks_needed
+from ferrolm.kv.blocks import BlockManager
+from ferrolm.kv.groups import KvGroups
 from ferrolm.kv.pool import KvPool, num_blocks_for_budget, staging_bytes
 from ferrolm.models.families import family_by_name
 from ferrolm.models.loader import load_model
@@ -54,7 +55,16 @@ class LLMEngine:
         # Per-channel formats stage the blocks written in a step, and the blocks still being
         # filled from the step before, in fp16 until they are full.
         staging_rows = sched.max_num_batched_tokens // bs + 2 * sched.max_num_seqs + 1
-        num_blocks = kv.num_blocks or num_blocks_for_budget(
+        # Sliding-window layers in their own groups of block tables, which drop the blocks
+        # that left the window (kv/groups.py); a block is one group's layers.
+        self.kv_groups = KvGroups.plan(self.model.layer_windows(), self.kv_spec)
+        if self.kv_groups.note:
+            log.info("KV groups: %s", self.kv_groups.note)
+        groups = self.kv_groups
+        # An explicit count is in blocks of every layer: the same memory in group blocks
+        # (and the null block that out-of-window table entries point at).
+        explicit = kv.num_blocks and kv.num_blocks * groups.num_groups + groups.frees_windows
+        num_blocks = explicit or num_blocks_for_budget(
             kv.memory_gb,
             self.kv_spec,
             mcfg.num_layers,
@@ -62,6 +72,7 @@ class LLMEngine:
             mcfg.head_dim,
             bs,
             staging_rows,
+            self.kv_groups.group_size,
         )
         if num_blocks < 1 and self.kv_spec.staged:
             staged = staging_bytes(self.kv_spec, mcfg.num_kv_heads, mcfg.head_dim, bs, staging_rows)
@@ -79,8 +90,9 @@ class LLMEngine:
             bs,
             self.model.device,
             staging_rows=staging_rows,
+            groups=self.kv_groups,
         )
-        self.blocks = BlockManager(num_blocks, bs, kv.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, bs, kv.enable_prefix_caching, self.kv_groups.windows)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         graphs = None
         if not config.model.enforce_eager:
@@ -137,8 +149,8 @@ class LLMEngine:
                 "it must be shorter to leave room for at least one generated token"
             )
         longest = min(num_prompt_tokens + params.max_tokens, self.max_model_len)
-        need = blocks_needed(longest, self.blocks.block_size)
-        if need > self.blocks.num_blocks:
+        need = self.blocks.max_blocks(longest, self.scheduler.chunk_limit)
+        if need > self.blocks.num_usable:
             raise ValueError(
                 f"the request needs up to {longest} tokens of KV cache ({need} blocks), more than the "
                 f"whole cache holds ({self.pool.capacity_tokens} tokens); raise kv_cache memory_gb "
@@ -388,6 +400,9 @@ class LLMEngine:
             "kv_block_size": self.blocks.block_size,
             "kv_tokens_capacity": self.pool.capacity_tokens,
             "kv_pool_bytes": self.pool.nbytes(),
+            "kv_block_bytes": self.pool.block_nbytes,
+            "kv_used_bytes": self.blocks.num_used * self.pool.block_nbytes,
+            "kv_groups": self.kv_groups.num_groups,
             "prefix_cache_hits": self.scheduler.prefix_cache_hits,
             "prefix_cache_queries": self.scheduler.prefix_cache_queries,
             "num_preemptions": self.scheduler.num_preemptions,

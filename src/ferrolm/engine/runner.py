@@ -52,12 +52,18 @@ class ModelRunner:
             news.append(n)
         device = self.model.device
         meta = AttentionMetadata.build(
-            [item.seq.block_table for item in batch], starts, news, self.pool.block_size, device
+            [item.seq.block_tables[0] for item in batch], starts, news, self.pool.block_size, device
         )
+        group_metas = None
+        if self.pool.groups.num_groups > 1:  # one metadata per KV group's block tables
+            group_metas = [meta] + [
+                meta.with_tables([item.seq.block_tables[g] for item in batch])
+                for g in range(1, self.pool.groups.num_groups)
+            ]
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
-            StepContext(self.pool, self.backend, meta, self.plan),
+            StepContext(self.pool, self.backend, meta, self.plan, group_metas),
         )
         if rows is not None:
             flat, offset = [], 0

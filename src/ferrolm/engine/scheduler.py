@@ -38,7 +38,7 @@ class Scheduler:
         self.watermark = max(1, blocks.num_blocks // 100)
 
     @property
-    def _chunk_limit(self) -> int:
+    def chunk_limit(self) -> int:
         """Most tokens one sequence computes in a step (vLLM's long_prefill_token_threshold)."""
         return self.config.long_prefill_token_threshold or self.config.max_num_batched_tokens
 
@@ -56,7 +56,7 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed, budget, self._chunk_limit)
+            n = min(seq.num_uncomputed, budget, self.chunk_limit)
             if not self._make_room(seq, seq.num_computed + n):
                 continue
             self.blocks.grow(seq, seq.num_computed + n)
@@ -65,9 +65,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A request for prompt logprobs needs every prompt position computed (as vLLM).
-            cached = self.blocks.lookup(seq.token_ids) if seq.params.prompt_logprobs is None else []
-            num_cached = len(cached) * self.blocks.block_size
-            n = min(seq.num_tokens - num_cached, budget, self._chunk_limit)
+            cached = self.blocks.lookup(seq.token_ids if seq.params.prompt_logprobs is None else [])
+            num_cached = cached.num_blocks * self.blocks.block_size
+            n = min(seq.num_tokens - num_cached, budget, self.chunk_limit)
             reserve = self.watermark if self.running else 0
             if self.blocks.blocks_to_admit(cached, num_cached + n) > self.blocks.num_free - reserve:
                 break
@@ -91,14 +91,17 @@ class Scheduler:
         for item in batch:
             item.seq.num_computed += item.num_new_tokens
             self.blocks.register_full_blocks(item.seq)
+            self.blocks.release_out_of_window(item.seq)
             if item.seq.num_computed == item.seq.num_tokens:
                 ready.append(item.seq)
         return ready
 
     def blocks_being_filled(self) -> set[int]:
-        """The partly written last block of each running sequence."""
+        """The partly written last block of each running sequence (in every group)."""
         bs = self.blocks.block_size
-        return {s.block_table[s.num_computed // bs] for s in self.running if s.num_computed % bs}
+        return {
+            t[s.num_computed // bs] for s in self.running if s.num_computed % bs for t in s.block_tables
+        }
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the newest running sequences until `seq` can grow; False if `seq` itself went."""

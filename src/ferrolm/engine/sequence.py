@@ -28,7 +28,7 @@ class Sequence:
     detok: IncrementalDetokenizer
     generator: torch.Generator | None = None
     num_computed: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)  # per KV group (kv/groups.py)
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full, computed blocks
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None

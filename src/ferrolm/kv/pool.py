@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype, KvFormat
+from ferrolm.kv.groups import KvGroups
 from ferrolm.kv.spec import KvSpec
 
 GIB = 1 << 30
@@ -44,8 +45,11 @@ def num_blocks_for_budget(
     head_dim: int,
     block_size: int,
     staging_rows: int = 0,
+    layers_per_block: int | None = None,
 ) -> int:
+    """Blocks of `layers_per_block` layers (a KV group's page; default all) in the budget."""
     per_block = kv_bytes_per_token(spec, num_layers, num_kv_heads, head_dim, block_size) * block_size
+    per_block = per_block * (layers_per_block or num_layers) // num_layers
     staged = (
         staging_bytes(spec, num_kv_heads, head_dim, block_size, staging_rows)
         if isinstance(spec, KvSpec)
@@ -94,7 +98,10 @@ class KvPool:
         block_size: int,
         device: torch.device | str = "cpu",
         staging_rows: int = 0,
+        groups: KvGroups | None = None,
     ) -> None:
+        """groups: layers sharing block tables (kv/groups.py); a block then holds one
+        group's layers, and layer k of every group is stored in the same tensors."""
         if num_blocks < 1:
             raise ValueError("the KV cache has room for no block; raise memory_gb or num_blocks")
         if isinstance(spec, KvFormat):
@@ -119,8 +126,12 @@ class KvPool:
         self._free_rows = list(range(self.staging_rows - 1, -1, -1))
         # Zeroed once: attention reads whole blocks, and the never-written tail of a
         # block must be finite (it is masked, but 0 * NaN would still be NaN).
-        self.keys = [self._half(lk.key, device) for lk in spec.layers]
-        self.values = [self._half(lk.value, device) for lk in spec.layers]
+        self.groups = groups or KvGroups.single(num_layers)
+        slots = [spec.layers[layer] for layer in self.groups.slot_layers()]
+        slot_keys = [self._half(lk.key, device) for lk in slots]
+        slot_values = [self._half(lk.value, device) for lk in slots]
+        self.keys = [slot_keys[k] for k in self.groups.layer_slot]
+        self.values = [slot_values[k] for k in self.groups.layer_slot]
 
     def _half(self, fmt: KvFormat, device) -> HalfCache:
         H, D = self.num_kv_heads, self.head_dim
@@ -138,18 +149,31 @@ class KvPool:
 
     @property
     def bytes_per_token(self) -> int:
+        """Whole-model bytes of one token kept by every layer."""
         return self.spec.bytes_per_token(self.num_kv_heads, self.head_dim, self.block_size)
 
+    def _halves(self) -> list[HalfCache]:
+        """Each stored half once (layers of one slot share theirs)."""
+        return list({id(h): h for h in (*self.keys, *self.values)}.values())
+
     def staging_nbytes(self) -> int:
-        return sum(h.staging.numel() * 2 for h in (*self.keys, *self.values) if h.staging is not None)
+        return sum(h.staging.numel() * 2 for h in self._halves() if h.staging is not None)
 
     @property
     def capacity_tokens(self) -> int:
-        return self.num_slots
+        """Tokens the cache holds while no window has dropped any (every group keeps all)."""
+        return self.num_blocks // self.groups.num_groups * self.block_size
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block (of one group's layers), staging rows aside."""
+        halves = self._halves()
+        held = sum(t.numel() * t.element_size() for h in halves for t in (h.data, h.scale) if t is not None)
+        return held // self.num_blocks
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the pool holds (staging rows included)."""
-        return [t for h in (*self.keys, *self.values) for t in h[1:] if t is not None]
+        return [t for h in self._halves() for t in h[1:] if t is not None]
 
     def nbytes(self) -> int:
         """Real bytes held by the pool's tensors."""

@@ -215,6 +215,10 @@ class LlamaModel(nn.Module):
         """(Re)compute the RoPE frequencies (buffers made on the meta device hold none)."""
         self.inv_freq = rope_inv_freq(self.config)
 
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention), for the KV groups."""
+        return [layer.self_attn.attn.window for layer in self.layers]
+
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype

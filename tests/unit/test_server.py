@@ -236,11 +236,13 @@ def test_metrics_move(server, client):
     before = metrics(url)
     assert before["ferrolm_kv_cache_info{kv_cache_dtype=int8}"] == 1
     assert before["ferrolm_kv_cache_bytes_per_token"] == engine.pool.bytes_per_token
-    usage_seen = []
+    usage_seen, bytes_seen = [], []
 
     def poll():
         for _ in range(200):
-            usage_seen.append(metrics(url)["ferrolm_kv_cache_usage_perc"])
+            m = metrics(url)
+            usage_seen.append(m["ferrolm_kv_cache_usage_perc"])
+            bytes_seen.append(m["ferrolm_kv_cache_used_bytes"])
             time.sleep(0.01)
 
     t = threading.Thread(target=poll)
@@ -251,6 +253,7 @@ def test_metrics_move(server, client):
     t.join()
     after = metrics(url)
     assert max(usage_seen) > 0
+    assert max(bytes_seen) > 0 and max(bytes_seen) % engine.pool.block_nbytes == 0
     assert after["ferrolm_generation_tokens_total"] - before["ferrolm_generation_tokens_total"] == 60
     assert after["ferrolm_prompt_tokens_total"] > before["ferrolm_prompt_tokens_total"]
     assert after["ferrolm_time_to_first_token_seconds_count"] > before.get(

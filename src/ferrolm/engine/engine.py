@@ -395,7 +395,7 @@ class LLMEngine:
             "kv_dtype": self.kv_spec.describe(),
             "attention_backend": self.backend.name,
             "kv_bytes_per_token": self.pool.bytes_per_token,
-            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_total": self.blocks.num_usable,  # (not the null block of window groups)
             "kv_blocks_used": self.blocks.num_used,
             "kv_block_size": self.blocks.block_size,
             "kv_tokens_capacity": self.pool.capacity_tokens,

@@ -34,6 +34,7 @@ class EngineCollector:
         )
         yield gauge("kv_cache_blocks_used", "KV cache blocks in use.", s["kv_blocks_used"])
         yield gauge("kv_cache_blocks_total", "KV cache blocks in the pool.", s["kv_blocks_total"])
+        yield gauge("kv_cache_used_bytes", "KV cache bytes held by sequences.", s["kv_used_bytes"])
         yield gauge("kv_cache_capacity_tokens", "Tokens the KV cache holds.", s["kv_tokens_capacity"])
         yield gauge("kv_cache_bytes_per_token", "KV bytes per token, whole model.", s["kv_bytes_per_token"])
         yield gauge("kv_cache_info", "KV cache configuration.", 1, {"kv_cache_dtype": s["kv_dtype"]})

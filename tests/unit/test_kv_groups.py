@@ -189,3 +189,29 @@ def test_windows_let_a_request_longer_than_the_cache_run(gemma6):
     assert prompt + out[0].outputs[0].token_ids == ref.tolist()
     with pytest.raises(ValueError, match="more than the whole cache"):
         llm.generate([prompt], SamplingParams(max_tokens=100))  # 33 + 20 blocks
+
+
+@pytest.mark.parametrize("kv", ["int8", "fp8", "int4pc/int4", "int8/int4"])
+def test_windowed_groups_with_prefix_hits_and_preemption_change_nothing(gemma6, kv):
+    """Four prompts sharing a 37-token prefix (past the 8-token window) in a cache too
+    small for all of them: prefix hits, window blocks dropped, preemption; each output
+    equals the prompt run alone. int4pc keys stage a block being filled per group."""
+    from ferrolm.kv.pool import staging_bytes
+    from ferrolm.kv.spec import spec_flags
+
+    path, _ = gemma6
+    flags = {k: v for k, v in spec_flags(kv).items() if v is not None}
+    llm = LLM(str(path), dtype="float32", kv_cache_num_blocks=5, block_size=16, **flags)
+    eng = llm.engine
+    if eng.pool.staging_rows:  # the budget counted what the pool holds
+        rows = eng.pool.staging_rows // eng.kv_groups.num_groups
+        cfg = eng.model.config
+        assert eng.pool.staging_nbytes() == staging_bytes(eng.kv_spec, cfg.num_kv_heads, cfg.head_dim, 16, rows)
+    shared = list(range(3, 40))
+    prompts = [shared + [41 + i] for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    stats = eng.stats()
+    assert stats["prefix_cache_hits"] > 0 and stats["num_preemptions"] > 0, stats
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == llm.generate([p], params)[0].outputs[0].token_ids

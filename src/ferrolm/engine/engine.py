@@ -89,7 +89,9 @@ class LLMEngine:
             num_blocks,
             bs,
             self.model.device,
-            staging_rows=staging_rows,
+            # Every KV group fills its own blocks; a slot's staging tensor serves all groups,
+            # so its rows are per group (the same bytes: group_size slots, not every layer).
+            staging_rows=staging_rows * groups.num_groups,
             groups=self.kv_groups,
         )
         self.blocks = BlockManager(num_blocks, bs, kv.enable_prefix_caching, self.kv_groups.windows)

@@ -104,13 +104,22 @@ def main() -> None:
         r = results[-1]
         print(f"{d}: {r['seconds']:.0f} s, {r['preemptions']} preemptions", file=sys.stderr, flush=True)
     base = next((r for r in results if r["dtype"] == "fp16"), results[0])
-    print(f"\n{args.model}, KV budget {args.memory_gb} GiB: sequences that fit at once (windows dropped / all layers kept)\n")
-    print("| KV dtype | bytes/token (all layers) | " + " | ".join(f"{c:,} tokens" for c in args.contexts) + " | x fp16 at "
-          f"{args.contexts[-1]:,} |")
+    print(
+        f"\n{args.model}, KV budget {args.memory_gb} GiB: sequences that fit at once (windows dropped / all layers kept)\n"
+    )
+    print(
+        "| KV dtype | bytes/token (all layers) | "
+        + " | ".join(f"{c:,} tokens" for c in args.contexts)
+        + " | x fp16 at "
+        f"{args.contexts[-1]:,} |"
+    )
     print("|---|---|" + "---|" * len(args.contexts) + "---|")
     last = str(args.contexts[-1])
     for r in results:
-        cells = [f"{r['fits'][str(c)]['windows_dropped']} / {r['fits'][str(c)]['all_layers_kept']}" for c in args.contexts]
+        cells = [
+            f"{r['fits'][str(c)]['windows_dropped']} / {r['fits'][str(c)]['all_layers_kept']}"
+            for c in args.contexts
+        ]
         ratio = r["fits"][last]["windows_dropped"] / max(1, base["fits"][last]["windows_dropped"])
         print(f"| {r['dtype']} | {r['bytes_per_token']:,} | " + " | ".join(cells) + f" | {ratio:.2f} |")
     print(

@@ -272,8 +272,12 @@ ENGINE_FLAGS: dict[str, Flag] = {
         "kernels, else torch), cpu, triton or torch.",
     ),
     "kv_cache_memory_gb": Flag("kv_cache", "memory_gb", "KV cache budget in GiB."),
-    "kv_cache_num_blocks": Flag("kv_cache", "num_blocks", "Explicit KV block count, in blocks of every layer (overrides the budget; sliding-window "
-        "models hold the same memory in blocks of their layer groups)."),
+    "kv_cache_num_blocks": Flag(
+        "kv_cache",
+        "num_blocks",
+        "Explicit KV block count, in blocks of every layer (overrides the budget; sliding-window "
+        "models hold the same memory in blocks of their layer groups).",
+    ),
     "block_size": Flag(
         "kv_cache", "block_size", "Tokens per KV block (default 128; 16 with a per-channel format)."
     ),

@@ -14,7 +14,6 @@ from typing import Any
 
 from ferrolm.paths import ferrolm_home
 
-
 # Tokens that end a turn or a text in the common formats: generation stops at any of them
 # the vocabulary holds as a token (llama.cpp's end-of-generation set), so a chat reply
 # ends at its turn's end even where the file names only the text's end as EOS.
@@ -59,7 +58,9 @@ class Tokenizer:
         return None, "none"
 
     @classmethod
-    def from_model_path(cls, path: str | Path, extra_eos_ids: list[int] | None = None, **templates) -> Tokenizer:
+    def from_model_path(
+        cls, path: str | Path, extra_eos_ids: list[int] | None = None, **templates
+    ) -> Tokenizer:
         return cls(load_hf_tokenizer(Path(path)), extra_eos_ids, **templates)
 
     @property

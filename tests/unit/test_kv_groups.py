@@ -206,7 +206,9 @@ def test_windowed_groups_with_prefix_hits_and_preemption_change_nothing(gemma6, 
     if eng.pool.staging_rows:  # the budget counted what the pool holds
         rows = eng.pool.staging_rows // eng.kv_groups.num_groups
         cfg = eng.model.config
-        assert eng.pool.staging_nbytes() == staging_bytes(eng.kv_spec, cfg.num_kv_heads, cfg.head_dim, 16, rows)
+        assert eng.pool.staging_nbytes() == staging_bytes(
+            eng.kv_spec, cfg.num_kv_heads, cfg.head_dim, 16, rows
+        )
     shared = list(range(3, 40))
     prompts = [shared + [41 + i] for i in range(4)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)

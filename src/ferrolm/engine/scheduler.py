@@ -99,9 +99,7 @@ class Scheduler:
     def blocks_being_filled(self) -> set[int]:
         """The partly written last block of each running sequence (in every group)."""
         bs = self.blocks.block_size
-        return {
-            t[s.num_computed // bs] for s in self.running if s.num_computed % bs for t in s.block_tables
-        }
+        return {t[s.num_computed // bs] for s in self.running if s.num_computed % bs for t in s.block_tables}
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the newest running sequences until `seq` can grow; False if `seq` itself went."""

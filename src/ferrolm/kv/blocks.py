@@ -197,10 +197,7 @@ class BlockManager:
         if not n:
             return empty
         tables = [
-            [
-                self.null_block if i < self.first_live(g, n * bs) else block(g, i)
-                for i in range(n)
-            ]
+            [self.null_block if i < self.first_live(g, n * bs) else block(g, i) for i in range(n)]
             for g in range(self.num_groups)
         ]
         return Prefix(n, tables, hashes[:n])
@@ -211,7 +208,10 @@ class BlockManager:
         reclaimed = sum(1 for b in held if self.ref_counts[b] == 0)
         need = blocks_needed(num_tokens, self.block_size)
         computed = prefix.num_blocks * self.block_size
-        grow = sum(max(0, need - max(prefix.num_blocks, self.first_live(g, computed))) for g in range(self.num_groups))
+        grow = sum(
+            max(0, need - max(prefix.num_blocks, self.first_live(g, computed)))
+            for g in range(self.num_groups)
+        )
         return reclaimed + grow
 
     def take_cached(self, seq: HasBlocks, prefix: Prefix) -> None:

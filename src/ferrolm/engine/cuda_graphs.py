@@ -100,7 +100,9 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         G = self.num_groups
-        ids, positions, ctx_len, q_start, *slots = self.small[size].split([size] * 3 + [size + 1] + [size] * G)
+        ids, positions, ctx_len, q_start, *slots = self.small[size].split(
+            [size] * 3 + [size + 1] + [size] * G
+        )
         metas = [
             AttentionMetadata.static_decode(
                 slots[g],

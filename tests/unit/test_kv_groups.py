@@ -187,8 +187,13 @@ def test_windows_let_a_request_longer_than_the_cache_run(gemma6):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0]
     assert prompt + out[0].outputs[0].token_ids == ref.tolist()
-    with pytest.raises(ValueError, match="more than the whole cache"):
-        llm.generate([prompt], SamplingParams(max_tokens=100))  # 33 + 20 blocks
+    # One sequence may reach 88 tokens: 22 global blocks + 5 x 4 local ones; the cache holds
+    # 28 tokens of every layer.
+    eng = llm.engine
+    assert eng.pool.capacity_tokens == 28 and eng.max_sequence_tokens == 88
+    eng.check_request(30, SamplingParams(max_tokens=58))
+    with pytest.raises(ValueError, match="more than the whole cache holds \\(88 tokens\\)"):
+        eng.check_request(30, SamplingParams(max_tokens=59))
 
 
 @pytest.mark.parametrize("kv", ["int8", "fp8", "int4pc/int4", "int8/int4"])

@@ -96,6 +96,10 @@ class LLMEngine:
         )
         self.blocks = BlockManager(num_blocks, bs, kv.enable_prefix_caching, self.kv_groups.windows)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
+        # With sliding windows one sequence may outgrow what the cache holds for every layer.
+        self.max_sequence_tokens = self.blocks.longest_sequence(
+            self.scheduler.chunk_limit, self.max_model_len
+        )
         graphs = None
         if not config.model.enforce_eager:
             graphs = (config.scheduler.max_num_seqs, -(-self.max_model_len // bs))
@@ -120,6 +124,15 @@ class LLMEngine:
             num_blocks,
             bs,
         )
+        if self.kv_groups.frees_windows:
+            log.info(
+                "KV groups: %d of %d layers (windows %s): blocks that leave a window are freed, "
+                "so one sequence may reach %d tokens",
+                self.kv_groups.num_groups,
+                self.kv_groups.group_size,
+                sorted({w for w in self.kv_groups.windows if w}),
+                self.max_sequence_tokens,
+            )
         log.info("chat template: %s", self.tokenizer.chat_template_source)
 
     # --- requests ------------------------------------------------------------
@@ -155,7 +168,7 @@ class LLMEngine:
         if need > self.blocks.num_usable:
             raise ValueError(
                 f"the request needs up to {longest} tokens of KV cache ({need} blocks), more than the "
-                f"whole cache holds ({self.pool.capacity_tokens} tokens); raise kv_cache memory_gb "
+                f"whole cache holds ({self.max_sequence_tokens} tokens); raise kv_cache memory_gb "
                 "or lower max_tokens"
             )
 

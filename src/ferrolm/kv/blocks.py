@@ -106,6 +106,17 @@ class BlockManager:
             total += need if w is None else min(need, blocks_needed(w - 1 + chunk, self.block_size) + 1)
         return total
 
+    def longest_sequence(self, chunk: int, limit: int) -> int:
+        """Most tokens (up to `limit`) one sequence can reach in the whole cache."""
+        lo, hi = 0, limit
+        while lo < hi:  # max_blocks grows with the length
+            mid = (lo + hi + 1) // 2
+            if self.max_blocks(mid, chunk) <= self.num_usable:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     # --- growing and freeing ---------------------------------------------------
     def extra_blocks(self, seq: HasBlocks, num_tokens: int) -> int:
         """Blocks `seq` still needs to hold `num_tokens` tokens in total."""

@@ -70,7 +70,7 @@ class AsyncEngine:
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         """As vLLM: the rest of the context, within what the cache can hold."""
-        room = min(self.engine.max_model_len, self.engine.pool.capacity_tokens) - num_prompt_tokens
+        room = self.engine.max_sequence_tokens - num_prompt_tokens
         return max(1, room)
 
     def token_text(self, token_id: int) -> str:

@@ -212,3 +212,26 @@ def test_budget_eaten_by_staging_is_explained(tiny_model_dir):
         make_engine(
             tiny_model_dir, **spec_flags("int4pc"), kv_cache_num_blocks=None, kv_cache_memory_gb=0.0001
         )
+
+
+def test_a_prompt_waits_for_room_for_all_of_it(tiny_model_dir, alone):
+    """26 blocks of 4: "c" (60 prompt tokens) holds 20 blocks at its end. "a" (37 tokens,
+    10 blocks) arrives while c decodes with 16 blocks, so 10 are free and the watermark
+    keeps 1: a waits for c, instead of being admitted on its first 7-token chunk and
+    growing into c's room (the old rule: a preemption)."""
+    eng = make_engine(tiny_model_dir, kv_cache_num_blocks=26, max_num_batched_tokens=7)
+    waited = []
+    requests = {rid: (PROMPTS[rid], GREEDY) for rid in ("c", "a")}
+    final = {}
+    for rid, args in requests.items():
+        eng.add_request(rid, *args)
+        for _ in range(12 if rid == "c" else 0):  # c: prefill (9 chunks), then decodes
+            for out in eng.step():
+                final[out.request_id] = out
+    while eng.has_unfinished():
+        for out in eng.step():
+            final[out.request_id] = out
+        running = {s.request_id for s in eng.scheduler.running}
+        waited.append("a" not in running and "c" in running)
+    assert eng.stats()["num_preemptions"] == 0 and any(waited)
+    assert final["c"].outputs[0].token_ids == alone["c"] and final["a"].outputs[0].token_ids == alone["a"]

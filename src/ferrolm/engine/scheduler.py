@@ -2,10 +2,11 @@
 
 Each step takes the running sequences first (decodes, or the next chunk of a
 prefill in progress), then admits waiting ones, all under max_num_batched_tokens
-and max_num_seqs. Admission needs free KV blocks only for the tokens about to be
-computed, so a dtype with fewer bytes per token admits more sequences. When a
-running sequence needs a block and none is free, the most recently admitted
-sequence is preempted: its blocks are freed and it waits to be recomputed.
+and max_num_seqs. A waiting sequence is admitted when free KV blocks hold its whole
+prompt (not its generation), though only the tokens about to be computed get blocks,
+so a dtype with fewer bytes per token admits more sequences. When a running sequence
+needs a block and none is free, the most recently admitted sequence is preempted: its
+blocks are freed and it waits to be recomputed.
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ class Scheduler:
             num_cached = cached.num_blocks * self.blocks.block_size
             n = min(seq.num_tokens - num_cached, budget, self.chunk_limit)
             reserve = self.watermark if self.running else 0
-            if self.blocks.blocks_to_admit(cached, num_cached + n) > self.blocks.num_free - reserve:
+            # Room for the whole prompt, not only its first chunk (as vLLM v0's can_allocate):
+            # a prompt admitted into too little room is preempted part way through its
+            # prefill, and readmitted as soon as that frees its blocks, over and over.
+            need = self.blocks.blocks_to_admit(cached, seq.num_tokens, self.chunk_limit)
+            if need > self.blocks.num_free - reserve:
                 break
             self.waiting.popleft()
             if self.blocks.enable_prefix_caching:

@@ -100,11 +100,12 @@ class BlockManager:
         """Most blocks one sequence holds at once on its way to `num_tokens` tokens,
         computing at most `chunk` tokens a step."""
         need = blocks_needed(num_tokens, self.block_size)
-        total = 0
-        for w in self.windows:
-            # A window group holds the window before a step's first query and the step's tokens.
-            total += need if w is None else min(need, blocks_needed(w - 1 + chunk, self.block_size) + 1)
-        return total
+        return sum(need if w is None else min(need, self._window_peak(w, chunk)) for w in self.windows)
+
+    def _window_peak(self, window: int, chunk: int) -> int:
+        """Most blocks a window group holds at once: the window before a step's first
+        query and the step's `chunk` tokens."""
+        return blocks_needed(window - 1 + chunk, self.block_size) + 1
 
     def longest_sequence(self, chunk: int, limit: int) -> int:
         """Most tokens (up to `limit`) one sequence can reach in the whole cache."""
@@ -213,16 +214,19 @@ class BlockManager:
         ]
         return Prefix(n, tables, hashes[:n])
 
-    def blocks_to_admit(self, prefix: Prefix, num_tokens: int) -> int:
-        """Free blocks consumed by taking `prefix` and growing to `num_tokens`."""
+    def blocks_to_admit(self, prefix: Prefix, num_tokens: int, chunk: int | None = None) -> int:
+        """Free blocks consumed by taking `prefix` and growing to `num_tokens`; with `chunk`
+        (tokens computed per step), a window group counts only the most it holds at once."""
         held = {b for t in prefix.tables for b in t if b != self.null_block}
         reclaimed = sum(1 for b in held if self.ref_counts[b] == 0)
         need = blocks_needed(num_tokens, self.block_size)
         computed = prefix.num_blocks * self.block_size
-        grow = sum(
-            max(0, need - max(prefix.num_blocks, self.first_live(g, computed)))
-            for g in range(self.num_groups)
-        )
+        grow = 0
+        for g, w in enumerate(self.windows):
+            extra = max(0, need - max(prefix.num_blocks, self.first_live(g, computed)))
+            if w is not None and chunk is not None:
+                extra = min(extra, self._window_peak(w, chunk))
+            grow += extra
         return reclaimed + grow
 
     def take_cached(self, seq: HasBlocks, prefix: Prefix) -> None:

@@ -20,9 +20,10 @@ import json
 import sys
 import time
 
+from capacity import prompts_from_text  # bench/capacity.py, beside this script
+
 from ferrolm import LLMEngine, SamplingParams
 from ferrolm.config import EngineConfig
-from ferrolm.data import sample_text
 from ferrolm.kv.blocks import blocks_needed
 from ferrolm.kv.spec import spec_flags, split_specs
 
@@ -52,12 +53,8 @@ def run_dtype(args, dtype: str) -> dict:
     eng = LLMEngine(cfg)
     fit = {c: fits(eng, c, args.memory_gb) for c in args.contexts}
     run_fit = fits(eng, args.context, args.run_memory_gb)
-    ids = eng.tokenizer.encode(sample_text())
     prompt_len = args.context - args.max_tokens
-    stride = max(1, (len(ids) - prompt_len) // max(1, args.requests - 1))
-    prompts = [ids[i * stride : i * stride + prompt_len] for i in range(args.requests)]
-    if any(len(p) < prompt_len for p in prompts):
-        raise SystemExit(f"the text is too short for {args.requests} prompts of {prompt_len} tokens")
+    prompts = prompts_from_text(eng.tokenizer, args.requests, prompt_len)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     start = time.perf_counter()
     for i, p in enumerate(prompts):

@@ -117,39 +117,10 @@ def decode_grid(step_time, tokenizer, text: str, concurrency, context_lens, step
 
 
 def hf_model_like(engine: LLMEngine):
-    """HF LlamaForCausalLM holding the very tensors ferrolm runs (same weights, same dtype)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """HF transformers' model holding the very tensors ferrolm runs (models/hf_twin.py)."""
+    from ferrolm.models.hf_twin import hf_twin
 
-    c = engine.model.config
-    if c.family != "llama":
-        raise ValueError(f"the HF baseline builds Llama models; this model is {c.family}")
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling,
-        max_position_embeddings=c.max_position_embeddings,
-        tie_word_embeddings=c.tie_word_embeddings,
-        attention_bias=c.attention_bias,
-    )
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(hf_cfg)
-    # HF runs every tensor in the compute dtype (ferrolm keeps norms and head in fp32).
-    state = {
-        ("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v.to(engine.compute_dtype)
-        for k, v in engine.model.dense_state_dict().items()
-    }
-    hf.load_state_dict(state, strict=False, assign=True)
-    if c.tie_word_embeddings:
-        hf.lm_head.weight = hf.model.embed_tokens.weight
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf_cfg)  # buffers were on meta
-    return hf.eval()
+    return hf_twin(engine.model, engine.compute_dtype)
 
 
 def run_hf_once(hf, prompts: list[list[int]], output_len: int) -> dict:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Gemma's turns (<start_of_turn>user ... <end_of_turn>, the reply's role is "model"); a
-# system message is folded into the first user turn, as Google's own template does.
-GEMMA = (
+# BOS; a system message becomes `prefix` for the first user turn; the other messages are
+# `turns`, which must alternate user / assistant (Gemma's and Mistral's own templates).
+_ALTERNATING_TURNS = (
     "{{ bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
@@ -22,7 +22,11 @@ GEMMA = (
     "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
     "{{ raise_exception('roles must alternate user/assistant/user/...') }}"
     "{%- endif -%}"
-    "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}"
+)
+
+# Gemma's turns (<start_of_turn>user ... <end_of_turn>, the reply's role is "model").
+GEMMA = (
+    _ALTERNATING_TURNS + "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}"
     "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m['content'] | trim"
     " + '<end_of_turn>\n' }}"
     "{%- endfor -%}"
@@ -39,15 +43,8 @@ CHATML = (
 
 # Mistral's [INST] turns; a system message goes before the first instruction.
 MISTRAL = (
-    "{{ bos_token }}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set prefix = messages[0]['content'] + '\n\n' -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
-    "{%- for m in turns -%}"
-    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('roles must alternate user/assistant/user/...') }}"
-    "{%- endif -%}"
-    "{%- if m['role'] == 'user' -%}{{ '[INST] ' + (prefix if loop.first else '') + m['content'] + ' [/INST]' }}"
+    _ALTERNATING_TURNS
+    + "{%- if m['role'] == 'user' -%}{{ '[INST] ' + (prefix if loop.first else '') + m['content'] + ' [/INST]' }}"
     "{%- else -%}{{ m['content'] + eos_token }}{%- endif -%}"
     "{%- endfor -%}"
 )

@@ -28,6 +28,7 @@ class Family:
     gguf_norm_offset: float = 0.0  # llama.cpp stored the norm weights plus this (Gemma: 1)
     gguf_extra: dict = field(default_factory=dict)  # config field -> GGUF key (after the arch)
     chat_template: str = "chatml"  # built-in turn format for files without a template
+    hf_twin: str | None = None  # HF class with this layout for the bench baseline (models/hf_twin.py)
 
     def gguf_config(self, m) -> dict:
         """The family's own config fields from GGUF metadata (m: key after the arch -> value)."""
@@ -43,7 +44,9 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",), ("llama", "smollm", "smollm2"), gguf_permuted_qk=True),
+    Family(
+        "llama", ("llama",), ("llama", "smollm", "smollm2"), gguf_permuted_qk=True, hf_twin="LlamaForCausalLM"
+    ),
     Family(
         "mistral",
         ("mistral",),

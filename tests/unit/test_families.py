@@ -127,6 +127,34 @@ def test_sliding_window_in_every_backend(window, bs):
     torch.testing.assert_close(got, ref, atol=4e-3, rtol=0)
 
 
+@pytest.mark.parametrize("start, new", [(1500, 1), (1400, 40)])
+def test_sliding_window_over_a_split_context(start, new):
+    """One long sequence (its context split between threads): the compiled kernels walk
+    only the window's tiles (decode and tile paths), the splits share those, and the result
+    is the reference's."""
+    from ferrolm.attention import AttentionMetadata, CpuBackend, TorchBackend
+    from ferrolm.kv.pool import KvPool
+    from ferrolm.kv.spec import KvSpec
+
+    g = torch.Generator().manual_seed(start)
+    pool = KvPool(KvSpec.build(1, "int8", rotation="off"), 1, 2, 64, 100, 16)
+    table = [list(range(99, -1, -1))[: -(-(start + new) // 16)]]  # scattered, newest first
+    full = AttentionMetadata(table, [0], [start + new], 16)
+    n = full.slot_mapping.numel()
+    TorchBackend().write(
+        pool, 0, full.slot_mapping, torch.randn(n, 2, 64, generator=g), torch.randn(n, 2, 64, generator=g)
+    )
+    meta = AttentionMetadata(table, [start], [new], 16)
+    q = torch.randn(new, 6, 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two kv heads, two threads: the context is split
+    try:
+        got = CpuBackend().attend(q, 0, pool, meta, 0.125, 600)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, TorchBackend().attend(q, 0, pool, meta, 0.125, 600), atol=2e-5, rtol=2e-5)
+
+
 def test_mistral_sliding_window_matches_hf(tmp_path):
     """A window shorter than the prompts: chunked prefill and decode over it, against HF."""
     import transformers

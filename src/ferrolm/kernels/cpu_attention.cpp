@@ -184,6 +184,22 @@ struct Item {
   int64_t window;  // > 0: a query at p sees keys p - window + 1 .. p (sliding window)
 };
 
+// The tiles an item walks: from the tile holding the first key its first query (at
+// first_pos) sees, so a sliding window skips every tile before it, to the last of `keys`;
+// this split's share of those. first_key: that first key (0 without a window).
+struct TileRange {
+  int64_t begin, end, first_key;
+};
+inline TileRange tile_range(const Item& it, int nsplit, int64_t first_pos, int64_t keys, int bs) {
+  const int64_t tiles_per_block = (bs + TILE - 1) / TILE;
+  const int64_t ntiles = (keys + bs - 1) / bs * tiles_per_block;
+  const int64_t first_key = it.window > 0 ? std::max<int64_t>(0, first_pos - it.window + 1) : 0;
+  const int64_t t_first = first_key / bs * tiles_per_block + first_key % bs / TILE;
+  const int64_t per = (ntiles - t_first + nsplit - 1) / nsplit;
+  const int64_t begin = t_first + it.split * per;
+  return {begin, std::min(ntiles, begin + per), first_key};
+}
+
 struct Partial {  // a split's running softmax state, merged afterwards
   float* m;
   float* l;
@@ -269,9 +285,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   const int64_t pos = ctx_len[b] - n_new + it.q0;
   const int64_t keys = pos + 1;
   const int64_t tiles_per_block = (bs + TILE - 1) / TILE;
-  const int64_t ntiles = (keys + bs - 1) / bs * tiles_per_block;
-  const int64_t per = (ntiles + nsplit - 1) / nsplit;
-  const int64_t t_begin = it.split * per, t_end = std::min(ntiles, t_begin + per);
+  const auto [t_begin, t_end, first_key] = tile_range(it, nsplit, pos, keys, bs);
   const int64_t head = it.head;
   const int64_t kdd = K.fmt == LUT4 ? D / 2 : D, vdd = V.fmt == LUT4 ? D / 2 : D;
 
@@ -293,10 +307,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
 
-  // A sliding window starts the walk at the tile holding its first key.
-  const int64_t first_key = it.window > 0 ? std::max<int64_t>(0, pos - it.window + 1) : 0;
-  const int64_t t_first = first_key / bs * tiles_per_block + first_key % bs / TILE;
-  for (int64_t t = std::max(t_begin, t_first); t < t_end; ++t) {
+  for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t bi = t / tiles_per_block;
     const int off = (int)((t % tiles_per_block) * TILE);
     const int64_t key0 = bi * bs + off;
@@ -407,10 +418,8 @@ void run_item(const Item& it, int nsplit, const float* q, float* out, const Half
   const int64_t last_pos = first_pos + it.nq - 1;
   const int64_t keys = last_pos + 1;
   const int64_t tiles_per_block = (bs + TILE - 1) / TILE;
-  const int64_t nblocks = (keys + bs - 1) / bs;
-  const int64_t ntiles = nblocks * tiles_per_block;
-  const int64_t per = (ntiles + nsplit - 1) / nsplit;
-  const int64_t t_begin = it.split * per, t_end = std::min(ntiles, t_begin + per);
+  const TileRange tr = tile_range(it, nsplit, first_pos, keys, bs);
+  const int64_t t_begin = tr.begin, t_end = tr.end;
 
   thread_local std::vector<float> scratch;
   const size_t need = (size_t)rows * D + 3 * rows + 4 * TILE * D + 4 * TILE + (size_t)rows * TILE;
@@ -591,7 +600,8 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int32_t n = qs[b + 1] - qs[b];
-    longest = std::max<int64_t>(longest, cl[b]);
+    // Keys a query walks: its context, or at most the window and its chunk's own tokens.
+    longest = std::max<int64_t>(longest, window > 0 ? std::min<int64_t>(cl[b], window + n) : cl[b]);
     for (int32_t q0 = 0; q0 < n; q0 += qt)
       for (int64_t h = 0; h < KVH; ++h)
         items.push_back({(int32_t)b, (int32_t)h, q0, (int32_t)std::min<int64_t>(qt, n - q0), 0, window});

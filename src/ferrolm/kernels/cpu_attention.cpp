@@ -46,7 +46,7 @@ inline decltype(auto) with_nc(int D, F&& f) {
 }
 
 template <int NC>
-inline void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x);
+void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x);
 
 // n <= 16 tokens of one head starting at `slot` (consecutive slots of one block) -> fp32
 // rows buf[n][D]; per-token multipliers (folded scales; 1 when the values are scaled
@@ -222,46 +222,64 @@ inline i32x16 bytes_to_i32(const uint8_t* p) {
   return __builtin_convertvector(b, i32x16);
 }
 
-// One row (D = 16 NC values) of a half -> registers; LUT4 group-scaled (nibble order), other
-// formats unscaled (their per-token scale is folded in by the caller).
-template <int NC>
-inline void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x) {
-  switch (h.fmt) {
-    case F32:
-      for (int c = 0; c < NC; ++c) x[c] = load16(reinterpret_cast<const float*>(row) + 16 * c);
-      break;
-    case F16:
-      for (int c = 0; c < NC; ++c) x[c] = from_f16(row + 32 * c);
-      break;
-    case BF16:
-      for (int c = 0; c < NC; ++c) x[c] = from_bf16(row + 32 * c);
-      break;
-    case I8:
-      for (int c = 0; c < NC; ++c) x[c] = from_i8(row + 16 * c);
-      break;
-    case E4M3:
-      for (int c = 0; c < NC; ++c) x[c] = from_e4m3(row + 16 * c);
-      break;
-    case E5M2:
-      for (int c = 0; c < NC; ++c) x[c] = from_e5m2(row + 16 * c);
-      break;
-    default: {  // LUT4, NC even
-      const int gs = h.gsize;  // 16, 32, 64 ...
-      for (int s = 0; s < NC / 2; ++s) {
-        const i32x16 idx = bytes_to_i32(row + 16 * s);
-        v16 sc;
-        if (gs >= 32) {
-          sc = splat(half_to_float(gscale[gs == 32 ? s : 32 * s / gs]));
-        } else {  // groups of 16: evens/odds 0-7 in group 2s, 8-15 in group 2s + 1
-          const float a = half_to_float(gscale[2 * s]), b = half_to_float(gscale[2 * s + 1]);
-          const v16 lane_hi = v16{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
-          sc = splat(a) + (b - a) * lane_hi;
-        }
-        x[2 * s] = lookup16(h.lut, idx & 15) * sc;
-        x[2 * s + 1] = lookup16(h.lut, idx >> 4) * sc;
+// One row (D = 16 NC values) of a half in format F -> registers; LUT4 group-scaled (nibble
+// order), other formats unscaled (their per-token scale is folded in by the caller).
+template <int NC, int F>
+__attribute__((always_inline)) inline void load_fmt(const Half& h, const uint8_t* row, const c10::Half* gscale,
+                                                    v16* x) {
+  if constexpr (F == F32) {
+    for (int c = 0; c < NC; ++c) x[c] = load16(reinterpret_cast<const float*>(row) + 16 * c);
+  } else if constexpr (F == F16) {
+    for (int c = 0; c < NC; ++c) x[c] = from_f16(row + 32 * c);
+  } else if constexpr (F == BF16) {
+    for (int c = 0; c < NC; ++c) x[c] = from_bf16(row + 32 * c);
+  } else if constexpr (F == I8) {
+    for (int c = 0; c < NC; ++c) x[c] = from_i8(row + 16 * c);
+  } else if constexpr (F == E4M3) {
+    for (int c = 0; c < NC; ++c) x[c] = from_e4m3(row + 16 * c);
+  } else if constexpr (F == E5M2) {
+    for (int c = 0; c < NC; ++c) x[c] = from_e5m2(row + 16 * c);
+  } else {  // LUT4, NC even
+    static_assert(F == LUT4, "no per-row load for this format");
+    const int gs = h.gsize;  // 16, 32, 64 ...
+    for (int s = 0; s < NC / 2; ++s) {
+      const i32x16 idx = bytes_to_i32(row + 16 * s);
+      v16 sc;
+      if (gs >= 32) {
+        sc = splat(half_to_float(gscale[gs == 32 ? s : 32 * s / gs]));
+      } else {  // groups of 16: evens/odds 0-7 in group 2s, 8-15 in group 2s + 1
+        const float a = half_to_float(gscale[2 * s]), b = half_to_float(gscale[2 * s + 1]);
+        const v16 lane_hi = v16{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+        sc = splat(a) + (b - a) * lane_hi;
       }
+      x[2 * s] = lookup16(h.lut, idx & 15) * sc;
+      x[2 * s + 1] = lookup16(h.lut, idx >> 4) * sc;
     }
   }
+}
+
+// The same with the format chosen at run time (pairs of formats without their own code).
+template <int NC>
+void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x) {
+  switch (h.fmt) {
+    case F32: return load_fmt<NC, F32>(h, row, gscale, x);
+    case F16: return load_fmt<NC, F16>(h, row, gscale, x);
+    case BF16: return load_fmt<NC, BF16>(h, row, gscale, x);
+    case I8: return load_fmt<NC, I8>(h, row, gscale, x);
+    case E4M3: return load_fmt<NC, E4M3>(h, row, gscale, x);
+    case E5M2: return load_fmt<NC, E5M2>(h, row, gscale, x);
+    default: return load_fmt<NC, LUT4>(h, row, gscale, x);
+  }
+}
+
+constexpr int ANY = -1;  // a format known only at run time
+template <int NC, int F>
+__attribute__((always_inline)) inline void load_as(const Half& h, const uint8_t* row, const c10::Half* gscale,
+                                                   v16* x) {
+  if constexpr (F == ANY)
+    load_row<NC>(h, row, gscale, x);
+  else
+    load_fmt<NC, F>(h, row, gscale, x);
 }
 
 // n <= 16 per-token scales of consecutive slots (times the format's factor); 1 for others.
@@ -274,11 +292,18 @@ inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
   return out;
 }
 
-template <int NC, int R>
+// Tiles whose scores share one softmax update: a block of 128 keys at most. Per chunk, one
+// maximum per row (not per tile), one rescaling of the accumulators, and the values' pass
+// over all its keys with the accumulators in registers; the running sums stay vectors.
+constexpr int CHUNK = 8;
+
+template <int NC, int R, int KF, int VF>
 void run_decode(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
                 const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int bs,
                 float scale, Partial* part) {
   constexpr int D = 16 * NC;
+  const bool k_lut = KF == ANY ? K.fmt == LUT4 : KF == LUT4;
+  const bool v_lut = VF == ANY ? V.fmt == LUT4 : VF == LUT4;
   const int b = it.seq;
   const int64_t tok0 = q_start[b] + it.q0;
   const int64_t n_new = q_start[b + 1] - q_start[b];
@@ -287,14 +312,14 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   const int64_t tiles_per_block = (bs + TILE - 1) / TILE;
   const auto [t_begin, t_end, first_key] = tile_range(it, nsplit, pos, keys, bs);
   const int64_t head = it.head;
-  const int64_t kdd = K.fmt == LUT4 ? D / 2 : D, vdd = V.fmt == LUT4 ? D / 2 : D;
+  const int64_t kdd = k_lut ? D / 2 : D, vdd = v_lut ? D / 2 : D;
 
-  v16 qv[R][NC], acc[R][NC];
-  float m[R], l[R];
+  v16 qv[R][NC], acc[R][NC], lsum[R];
+  float m[R];
   for (int r = 0; r < R; ++r) {
     const float* qr = q + tok0 * H * D + (head * R + r) * D;
     for (int c = 0; c < NC; ++c) qv[r][c] = load16(qr + 16 * c);
-    if (K.fmt == LUT4)
+    if (k_lut)
       for (int s = 0; s < NC / 2; ++s) {
         const v16 a = qv[r][2 * s], b2 = qv[r][2 * s + 1];
         qv[r][2 * s] = __builtin_shufflevector(a, b2, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -302,71 +327,108 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       }
     for (int c = 0; c < NC; ++c) acc[r][c] = v16{};
     m[r] = -INFINITY;
-    l[r] = 0.0f;
+    lsum[r] = v16{};
   }
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
 
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t bi = t / tiles_per_block;
-    const int off = (int)((t % tiles_per_block) * TILE);
-    const int64_t key0 = bi * bs + off;
-    if (key0 > pos) break;
-    const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
-    const int64_t slot = tables[b * nblk + bi] * bs + off;
-    if (t + PREFETCH_TILES < t_end) {
-      const int64_t nt = t + PREFETCH_TILES;
-      const int64_t nbi = nt / tiles_per_block, noff = (nt % tiles_per_block) * TILE;
-      if (nbi * bs + noff <= pos) {
-        const int64_t nslot = tables[b * nblk + nbi] * bs + noff;
+  // (block, tile within it) of the next chunk and of the tile to prefetch, advanced as
+  // tiles are consumed (no division per tile)
+  int64_t bi = t_begin / tiles_per_block, ti = t_begin % tiles_per_block;
+  int64_t pbi = (t_begin + PREFETCH_TILES) / tiles_per_block, pti = (t_begin + PREFETCH_TILES) % tiles_per_block;
+  for (int64_t t = t_begin; t < t_end;) {
+    if (bi * bs + ti * TILE > pos) break;
+    const int nt = (int)std::min<int64_t>({(int64_t)CHUNK, tiles_per_block - ti, t_end - t});
+    const int64_t block_slot = (int64_t)tables[b * nblk + bi] * bs;
+    v16 sc[R][CHUNK], vm[CHUNK];
+    int ns[CHUNK];
+    int used = 0;  // tiles of the chunk holding keys at or before pos
+    // Scores, tile by tile: per key, its row converted once, dotted with the R queries.
+    for (int u = 0; u < nt; ++u) {
+      const int off = (int)((ti + u) * TILE);
+      const int64_t key0 = bi * bs + off;
+      if (key0 > pos) break;
+      if (t + u + PREFETCH_TILES < t_end && pbi * bs + pti * TILE <= pos) {
+        const int64_t nslot = (int64_t)tables[b * nblk + pbi] * bs + pti * TILE;
         prefetch_tile(K, head, nslot, TILE, D);
         prefetch_tile(V, head, nslot, TILE, D);
       }
-    }
-    const uint8_t* kbase = K.data + (head * K.slots + slot) * kdd * K.elem;
-    const uint8_t* vbase = V.data + (head * V.slots + slot) * vdd * V.elem;
-    const c10::Half* kgs = K.fmt == LUT4 ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
-    const c10::Half* vgs = V.fmt == LUT4 ? V.scale + (head * V.slots + slot) * V.groups : nullptr;
-    // Scores: per key, its row converted once, dotted with the R queries.
-    v16 part_dot[R][TILE];
-    for (int j = 0; j < n; ++j) {
-      v16 kc[NC];
-      load_row<NC>(K, kbase + j * kdd * K.elem, kgs ? kgs + j * K.groups : nullptr, kc);
+      if (++pti == tiles_per_block) pti = 0, ++pbi;
+      const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
+      const int64_t slot = block_slot + off;
+      const uint8_t* kbase = K.data + (head * K.slots + slot) * kdd * K.elem;
+      const c10::Half* kgs = k_lut ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
+      v16 part_dot[R][TILE];
+      for (int j = 0; j < n; ++j) {
+        v16 kc[NC];
+        load_as<NC, KF>(K, kbase + j * kdd * K.elem, kgs ? kgs + j * K.groups : nullptr, kc);
+        for (int r = 0; r < R; ++r) {
+          v16 d = qv[r][0] * kc[0];
+          for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
+          part_dot[r][j] = d;
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int j = n; j < TILE; ++j) part_dot[r][j] = v16{};
+      const v16 km = token_scales(K, head, slot, n) * scale;
       for (int r = 0; r < R; ++r) {
-        v16 d = qv[r][0] * kc[0];
-        for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
-        part_dot[r][j] = d;
+        v16 s = reduce16(part_dot[r]) * km;
+        s = lane < (float)n ? s : splat(-INFINITY);
+        if (first_key > key0) s = lane >= (float)(first_key - key0) ? s : splat(-INFINITY);  // window
+        sc[r][u] = s;
+      }
+      vm[u] = token_scales(V, head, slot, n);
+      ns[u] = n;
+      ++used;
+    }
+    // One softmax update for the chunk: each row's new maximum, the rescaling of what came
+    // before (exp(m_old - m_new) of every row at once; 0 where nothing was seen yet), and
+    // the probabilities, with the values' per-token scales folded in.
+    v16 m_old{}, m_new{};
+    for (int r = 0; r < R; ++r) {
+      v16 mx = sc[r][0];
+      for (int u = 1; u < used; ++u) mx = mx > sc[r][u] ? mx : sc[r][u];
+      m_old[r] = m[r];
+      m_new[r] = m[r] = std::max(m[r], hmax(mx));
+    }
+    const v16 corr = m_old == splat(-INFINITY) ? v16{} : vexp(m_old - m_new);
+    alignas(64) float p[R][CHUNK * TILE];
+    for (int r = 0; r < R; ++r) {
+      v16 sum = lsum[r] * corr[r];
+      for (int u = 0; u < used; ++u) {
+        const v16 e = vexp(sc[r][u] - m[r]);
+        sum += e;
+        store16(p[r] + u * TILE, e * vm[u]);
+      }
+      lsum[r] = sum;
+    }
+    // Values: per key, its row converted once, added to the R accumulators, held in
+    // registers for the chunk (a copy the compiler keeps out of memory inside the loop).
+    v16 a[R][NC];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < NC; ++c) a[r][c] = acc[r][c] * corr[r];
+    for (int u = 0; u < used; ++u) {
+      const int64_t slot = block_slot + (ti + u) * TILE;
+      const uint8_t* vbase = V.data + (head * V.slots + slot) * vdd * V.elem;
+      const c10::Half* vgs = v_lut ? V.scale + (head * V.slots + slot) * V.groups : nullptr;
+      for (int j = 0; j < ns[u]; ++j) {
+        v16 vc[NC];
+        load_as<NC, VF>(V, vbase + j * vdd * V.elem, vgs ? vgs + j * V.groups : nullptr, vc);
+        for (int r = 0; r < R; ++r) {
+          const float pj = p[r][u * TILE + j];
+          for (int c = 0; c < NC; ++c) a[r][c] += pj * vc[c];
+        }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int j = n; j < TILE; ++j) part_dot[r][j] = v16{};
-    const v16 km = token_scales(K, head, slot, n) * scale;
-    const v16 vm = token_scales(V, head, slot, n);
-    alignas(64) float p[R][TILE];
-    for (int r = 0; r < R; ++r) {
-      v16 s = reduce16(part_dot[r]) * km;
-      s = lane < (float)n ? s : splat(-INFINITY);
-      if (first_key > key0) s = lane >= (float)(first_key - key0) ? s : splat(-INFINITY);  // window
-      const float mn = std::max(m[r], hmax(s));
-      const float corr = m[r] == -INFINITY ? 0.0f : std::exp(m[r] - mn);
-      const v16 e = vexp(s - mn);
-      l[r] = l[r] * corr + hsum(e);
-      m[r] = mn;
-      store16(p[r], e * vm);
-      for (int c = 0; c < NC; ++c) acc[r][c] *= corr;
-    }
-    // Values: per key, its row converted once, added to the R accumulators.
-    for (int j = 0; j < n; ++j) {
-      v16 vc[NC];
-      load_row<NC>(V, vbase + j * vdd * V.elem, vgs ? vgs + j * V.groups : nullptr, vc);
-      for (int r = 0; r < R; ++r) {
-        const float pj = p[r][j];
-        for (int c = 0; c < NC; ++c) acc[r][c] += pj * vc[c];
-      }
-    }
+      for (int c = 0; c < NC; ++c) acc[r][c] = a[r][c];
+    t += nt;
+    ti += nt;
+    if (ti == tiles_per_block) ti = 0, ++bi;
   }
   for (int r = 0; r < R; ++r) {
-    if (V.fmt == LUT4)  // back from nibble order
+    const float l = hsum(lsum[r]);
+    if (v_lut)  // back from nibble order
       for (int s = 0; s < NC / 2; ++s) {
         const v16 ev = acc[r][2 * s], od = acc[r][2 * s + 1];
         acc[r][2 * s] = __builtin_shufflevector(ev, od, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
@@ -374,11 +436,11 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       }
     if (part) {
       part->m[r] = m[r];
-      part->l[r] = l[r];
+      part->l[r] = l;
       for (int c = 0; c < NC; ++c) store16(part->acc + r * D + 16 * c, acc[r][c]);
       continue;
     }
-    const float inv = l[r] > 0 ? 1.0f / l[r] : 0.0f;
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
     float* dst = out + tok0 * H * D + (head * R + r) * D;
     for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[r][c] * inv);
   }
@@ -390,16 +452,40 @@ inline bool decode_path(const Item& it, int G, int D, const Half& K, const Half&
   return (K.fmt != LUT4 && V.fmt != LUT4) || D % 32 == 0;
 }
 
+template <int NC, int KF, int VF>
+void run_decode_r(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
+                  const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
+                  int bs, float scale, Partial* part) {
+  switch (G) {
+    case 1: return run_decode<NC, 1, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    case 2: return run_decode<NC, 2, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    case 3: return run_decode<NC, 3, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    default: return run_decode<NC, 4, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+  }
+}
+
+// Head dims 64 and 128 with one format for both halves (or int8 keys over 4-bit values) get
+// code of their own, every conversion inline; other shapes and pairs pick the format per row.
 template <int NC>
 void run_decode_g(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
                   const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
                   int bs, float scale, Partial* part) {
-  switch (G) {
-    case 1: return run_decode<NC, 1>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
-    case 2: return run_decode<NC, 2>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
-    case 3: return run_decode<NC, 3>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
-    default: return run_decode<NC, 4>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+#define FERROLM_DECODE(KF, VF) \
+  return run_decode_r<NC, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part)
+  if constexpr (NC == 4 || NC == 8) {
+    if (K.fmt == V.fmt) switch (K.fmt) {
+        case F32: FERROLM_DECODE(F32, F32);
+        case F16: FERROLM_DECODE(F16, F16);
+        case BF16: FERROLM_DECODE(BF16, BF16);
+        case I8: FERROLM_DECODE(I8, I8);
+        case E4M3: FERROLM_DECODE(E4M3, E4M3);
+        case E5M2: FERROLM_DECODE(E5M2, E5M2);
+        case LUT4: FERROLM_DECODE(LUT4, LUT4);
+      }
+    if (K.fmt == I8 && V.fmt == LUT4) FERROLM_DECODE(I8, LUT4);
   }
+  FERROLM_DECODE(ANY, ANY);
+#undef FERROLM_DECODE
 }
 
 void run_item(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
@@ -660,6 +746,32 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
   return rotate_rows(out, D, rot_out).to(q_in.scalar_type());
 }
 
+#if defined(__AVX512F__)
+// 16 finite fp32 values within the format's range -> fp8 bytes, c10's conversion lane by lane
+// (Float8_e4m3fn / Float8_e5m2 from fp32: round to nearest even, subnormals through one
+// float add): M = 3 mantissa bits and bias 7 (E4M3) or M = 2 and bias 15 (E5M2).
+template <int M, int BIAS>
+inline __m128i fp8_from_f32(__m512 v) {
+  constexpr uint32_t denorm = (uint32_t)(127 - BIAS + (23 - M) + 1) << 23;  // c10's denorm_mask
+  constexpr uint32_t normal = (uint32_t)(127 - BIAS + 1) << 23;             // smallest normal
+  const __m512i bitsv = _mm512_castps_si512(v);
+  const __m512i sign = _mm512_and_si512(bitsv, _mm512_set1_epi32((int)0x80000000u));
+  const __m512i f = _mm512_xor_si512(bitsv, sign);
+  // subnormal: add denorm_mask as floats, keep the low bits
+  const __m512i sub = _mm512_sub_epi32(
+      _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(f), _mm512_castsi512_ps(_mm512_set1_epi32((int)denorm)))),
+      _mm512_set1_epi32((int)denorm));
+  // normal: rebias, round to nearest even, shift
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(f, 23 - M), _mm512_set1_epi32(1));
+  __m512i nor = _mm512_add_epi32(f, _mm512_set1_epi32((int)(((uint32_t)(BIAS - 127) << 23) + ((1u << (22 - M)) - 1))));
+  nor = _mm512_srli_epi32(_mm512_add_epi32(nor, odd), 23 - M);
+  const __mmask16 is_sub = _mm512_cmplt_epu32_mask(f, _mm512_set1_epi32((int)normal));
+  __m512i r = _mm512_and_si512(_mm512_mask_blend_epi32(is_sub, nor, sub), _mm512_set1_epi32(0xFF));
+  r = _mm512_or_si512(r, _mm512_srli_epi32(sign, 24));
+  return _mm512_cvtepi32_epi8(r);
+}
+#endif
+
 // Quantize-on-write, one pass per (token, kv head): absmax per group, fp16 scale, round or
 // cast, store; the same arithmetic as KvFormat.quantize, so the bytes are identical.
 void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& data, const c10::optional<at::Tensor>& scale,
@@ -712,6 +824,34 @@ void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor&
           break;
       }
       const int64_t gsize = D / groups;
+      const bool round = fmt == I8 || (fmt == LUT4 && !codebook);
+#if defined(__AVX512F__)
+      if (gsize % 16 == 0) {  // the same operations, 16 lanes at a time (division, clamp and
+        // round to nearest even are exact per lane, so the bytes match the scalar loop's)
+        for (int64_t g = 0; g < groups; ++g) {
+          __m512 m = _mm512_setzero_ps();
+          for (int64_t c = g * gsize; c < (g + 1) * gsize; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(src + c)));
+          const float amax = _mm512_reduce_max_ps(m);
+          const float s = (float)c10::Half(std::min(std::max(amax / qmax, MIN_SCALE), FP16_MAX));
+          scp[row * groups + g] = c10::Half(s);
+          const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
+          for (int64_t c = g * gsize; c < (g + 1) * gsize; c += 16) {
+            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(src + c), sv), lo), hi);
+            if (round) v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m128i* out = reinterpret_cast<__m128i*>(dst + c);
+            if (fmt == I8)
+              _mm_storeu_si128(out, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+            else if (fmt == E4M3)
+              _mm_storeu_si128(out, fp8_from_f32<3, 7>(v));
+            else if (fmt == E5M2)
+              _mm_storeu_si128(out, fp8_from_f32<2, 15>(v));
+            else
+              _mm512_storeu_ps(qv.data() + c, v);
+          }
+        }
+        if (fmt == I8 || fmt == E4M3 || fmt == E5M2) continue;
+      } else
+#endif
       for (int64_t g = 0; g < groups; ++g) {
         float amax = 0.0f;
         for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) amax = std::max(amax, std::fabs(src[c]));
@@ -719,7 +859,7 @@ void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor&
         scp[row * groups + g] = c10::Half(s);
         for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) {
           float v = std::min(std::max(src[c] / s, -qmax), qmax);
-          if (fmt == I8 || (fmt == LUT4 && !codebook)) v = std::nearbyint(v);
+          if (round) v = std::nearbyint(v);
           qv[c] = v;
         }
       }

@@ -825,16 +825,19 @@ void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor&
       }
       const int64_t gsize = D / groups;
       const bool round = fmt == I8 || (fmt == LUT4 && !codebook);
+      const auto group_scale = [&](int64_t g, float amax) {  // fp16 scale, stored and returned
+        const float s = (float)c10::Half(std::min(std::max(amax / qmax, MIN_SCALE), FP16_MAX));
+        scp[row * groups + g] = c10::Half(s);
+        return s;
+      };
+      bool vectorised = false;
 #if defined(__AVX512F__)
       if (gsize % 16 == 0) {  // the same operations, 16 lanes at a time (division, clamp and
         // round to nearest even are exact per lane, so the bytes match the scalar loop's)
         for (int64_t g = 0; g < groups; ++g) {
           __m512 m = _mm512_setzero_ps();
           for (int64_t c = g * gsize; c < (g + 1) * gsize; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(src + c)));
-          const float amax = _mm512_reduce_max_ps(m);
-          const float s = (float)c10::Half(std::min(std::max(amax / qmax, MIN_SCALE), FP16_MAX));
-          scp[row * groups + g] = c10::Half(s);
-          const __m512 sv = _mm512_set1_ps(s), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
+          const __m512 sv = _mm512_set1_ps(group_scale(g, _mm512_reduce_max_ps(m))), lo = _mm512_set1_ps(-qmax), hi = _mm512_set1_ps(qmax);
           for (int64_t c = g * gsize; c < (g + 1) * gsize; c += 16) {
             __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_loadu_ps(src + c), sv), lo), hi);
             if (round) v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -849,14 +852,14 @@ void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor&
               _mm512_storeu_ps(qv.data() + c, v);
           }
         }
-        if (fmt == I8 || fmt == E4M3 || fmt == E5M2) continue;
-      } else
+        if (fmt == I8 || fmt == E4M3 || fmt == E5M2) continue;  // bytes stored
+        vectorised = true;
+      }
 #endif
-      for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t g = 0; g < groups && !vectorised; ++g) {
         float amax = 0.0f;
         for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) amax = std::max(amax, std::fabs(src[c]));
-        const float s = (float)c10::Half(std::min(std::max(amax / qmax, MIN_SCALE), FP16_MAX));
-        scp[row * groups + g] = c10::Half(s);
+        const float s = group_scale(g, amax);
         for (int64_t c = g * gsize; c < (g + 1) * gsize; ++c) {
           float v = std::min(std::max(src[c] / s, -qmax), qmax);
           if (round) v = std::nearbyint(v);

@@ -105,6 +105,42 @@ def test_quantize_on_write_stores_the_reference_bytes_at_the_edges(dtype):
         assert torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_int8_keys_round_the_query_as_the_reference(head_dim):
+    """Queries at the fixed point's edges (kv/fixed_point.py): the largest element exactly
+    at 16256 steps or just past it, the others at rounding ties; decodes (the integer dots)
+    and a prefill chunk (the float path) must round them as the reference does."""
+    g = torch.Generator().manual_seed(5)
+    spec = KvSpec.parse("int8+norot", 1)
+    heads, kv_heads, bs = 6, 2, 16
+    seqs = [(40, 1), (23, 1), (0, 9), (70, 1)]
+    need = [-(-(c + n) // bs) for c, n in seqs]
+    tables = [list(range(sum(need[:i]), sum(need[: i + 1]))) for i in range(len(seqs))]
+    pool = KvPool(spec, 1, kv_heads, head_dim, num_blocks=sum(need), block_size=bs)
+    cached = [i for i, (c, _) in enumerate(seqs) if c]
+    meta = AttentionMetadata.build(
+        [tables[i] for i in cached], [0] * len(cached), [seqs[i][0] for i in cached], bs
+    )
+    n = sum(seqs[i][0] for i in cached)
+    CpuBackend().write(
+        pool,
+        0,
+        meta.slot_mapping,
+        torch.randn(n, kv_heads, head_dim, generator=g),
+        torch.randn(n, kv_heads, head_dim, generator=g),
+    )
+    T = sum(n for _, n in seqs)
+    q = torch.randint(-60, 60, (T, heads, head_dim), generator=g).float() + 0.5  # ties
+    q[:, :, 0] = 16256.0
+    q[::2] = 2 * torch.randint(-30, 30, (len(q[::2]), heads, head_dim), generator=g).float() + 1
+    q[::2, :, 0] = 16256.5  # past the limit: one exponent up, where odd integers become ties
+    q *= 2.0**-12
+    meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], bs)
+    out = CpuBackend().attend(q, 0, pool, meta, head_dim**-0.5)
+    ref = TorchBackend().attend(q, 0, pool, meta, head_dim**-0.5)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("bs", [1, 8, 16, 32])
 @pytest.mark.parametrize("gqa", [(4, 4), (8, 2), (9, 3), (16, 1)])
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "fp8", "int4", "int4pc/int4"])

@@ -101,6 +101,15 @@ def test_attention_matches_reference_for_every_format_pair(pair):
     _close(out, want, pair)
 
 
+def test_int8_keys_see_the_fixed_point_query():
+    # fp32 values make the dot fp32 (not fp16), which resolves the query's 15-bit rounding
+    # (kv/fixed_point.py): without it the scores move by ~1e-4 of the largest output.
+    spec = KvSpec.build(1, "int8/fp32", rotation="off")
+    out, want = _step(spec, 2, 3, 64, 16, [[5, 1, 3], [0, 4], [2]], [36, 12, 0], [1, 6, 3], splits=1)
+    scale = want.float().abs().max()
+    torch.testing.assert_close(out.float() / scale, want.float() / scale, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kvh, g, d, bs, splits",
     [

@@ -18,6 +18,7 @@ import torch
 
 from ferrolm.attention.metadata import AttentionGroup, AttentionMetadata
 from ferrolm.kv.dtypes import KvFormat
+from ferrolm.kv.fixed_point import round_query
 from ferrolm.kv.pool import KvPool
 from ferrolm.kv.spec import KvSpec
 
@@ -106,6 +107,8 @@ class TorchBackend:
         qp[g.q_dest] = q.float()
         # [B, Q, KVH, G, D] -> [KVH, B, G * Q, D]: query head h reads kv head h // G.
         qp = qp.view(B, Q, KVH, G, D).permute(2, 0, 3, 1, 4).reshape(KVH, B, G * Q, D)
+        if kv.k_fmt.fixed_point_query:
+            qp = round_query(qp)
         scores = torch.matmul(qp, k.transpose(-1, -2))  # [KVH, B, G * Q, L]
         factor = k_scale.unsqueeze(2) * scale if k_scale is not None else scale
         scores = (scores * factor).view(KVH, B, G, Q, L)

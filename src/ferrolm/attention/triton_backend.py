@@ -316,6 +316,7 @@ class TritonBackend:
             Q_ROT=kh.fmt.rotated and not rot_q,
             O_ROT=vh.fmt.rotated and not rot_out and splits == 1,
             SCALE_TILES=self.scale_tiles,
+            Q_FIX=kh.fmt.fixed_point_query,
             **common,
             **self.launch,
         )

@@ -292,6 +292,110 @@ inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
   return out;
 }
 
+// --- Int8 keys: the query in 15-bit fixed point (kv/fixed_point.py), dotted in integers ---
+// e of a row: the smallest integer >= -126 with max|q| <= 16256 * 2^e, from amax's bits
+// (16256 = 1.984375 * 2^13: mantissa field 0x7E0000), as torch.frexp gives it.
+inline int query_exponent(float amax) {
+  uint32_t b;
+  std::memcpy(&b, &amax, sizeof b);
+  const int E = (int)(b >> 23);
+  return std::max(-126, E - 140 + ((b & 0x7FFFFFu) > 0x7E0000u ? 1 : 0));
+}
+inline float pow2(int e) {  // 2^e for -126 <= e <= 127
+  const uint32_t b = (uint32_t)(e + 127) << 23;
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+
+// Rows of q (fp32, after the rotation) -> round(q / 2^e) * 2^e in place, row by row.
+void round_query_rows(float* q, int64_t rows, int64_t D) {
+  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      float* x = q + i * D;
+      float amax = 0.0f;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+      const int e = query_exponent(amax);
+      const float down = pow2(-e), up = pow2(e);
+      for (int64_t d = 0; d < D; ++d) x[d] = std::nearbyint(x[d] * down) * up;
+    }
+  });
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool INT8_DOTS = true;
+#else
+constexpr bool INT8_DOTS = false;
+#endif
+
+// One query head's rounded q (q' 2^e, |q'| <= 16256) for vpdpbusd: q' = 128 hi + lo with hi
+// int8 and lo in [-64, 64], four dims per dword (dword m: dims 4m..4m+3). Keys enter as
+// unsigned k + 128, so each dot carries 128 sum(part); `bias` removes both at once.
+template <int NC>
+struct FixedQuery {
+  int32_t hi[4 * NC], lo[4 * NC];
+  int32_t bias;
+  float step;  // 2^e
+};
+
+template <int NC>
+FixedQuery<NC> fixed_query(const v16* q) {
+  FixedQuery<NC> f;
+  float amax = 0.0f;
+  for (int c = 0; c < NC; ++c)
+    for (int i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(q[c][i]));
+  const int e = query_exponent(amax);
+  const float down = pow2(-e);
+  f.step = pow2(e);
+  int8_t hi[16 * NC], lo[16 * NC];
+  int32_t sum = 0;
+  for (int c = 0; c < NC; ++c)
+    for (int i = 0; i < 16; ++i) {
+      const int32_t qi = (int32_t)std::nearbyint(q[c][i] * down);  // exact: q is rounded already
+      const int32_t h = (int32_t)std::nearbyint((float)qi * (1.0f / 128.0f));
+      hi[16 * c + i] = (int8_t)h;
+      lo[16 * c + i] = (int8_t)(qi - 128 * h);
+      sum += qi;
+    }
+  std::memcpy(f.hi, hi, sizeof hi);
+  std::memcpy(f.lo, lo, sizeof lo);
+  f.bias = 128 * sum;
+  return f;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Scores q . k of n <= 16 int8 keys (rows of 16 NC bytes from `kbase`) for R heads, exact
+// integers times 2^e (one rounding: int32 -> fp32): per 64 dims, the 16 x 64-byte tile
+// transposed so that vector m holds dword m of every key, then one vpdpbusd per dword, part
+// and head. Lanes past n hold garbage (the caller masks them).
+template <int NC, int R>
+__attribute__((always_inline)) inline void int8_scores(const uint8_t* kbase, int n, const FixedQuery<NC>* fq,
+                                                       v16* out) {
+  static_assert(NC % 4 == 0, "64-byte key rows at a time");
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  __m512i a1[R], a2[R];
+  for (int r = 0; r < R; ++r) a1[r] = a2[r] = _mm512_setzero_si512();
+  for (int c = 0; c < NC / 4; ++c) {
+    v16 t[16];
+    for (int j = 0; j < 16; ++j)
+      t[j] = j < n ? bits<v16>(_mm512_xor_si512(_mm512_loadu_si512(kbase + j * 16 * NC + 64 * c), flip)) : v16{};
+    transpose16(t);
+    for (int m = 0; m < 16; ++m) {
+      const __m512i km = bits<__m512i>(t[m]);
+      for (int r = 0; r < R; ++r) {
+        a1[r] = _mm512_dpbusd_epi32(a1[r], km, _mm512_set1_epi32(fq[r].hi[16 * c + m]));
+        a2[r] = _mm512_dpbusd_epi32(a2[r], km, _mm512_set1_epi32(fq[r].lo[16 * c + m]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1[r], 7), a2[r]),
+                                       _mm512_set1_epi32(fq[r].bias));
+    out[r] = bits<v16>(_mm512_cvtepi32_ps(d)) * fq[r].step;
+  }
+}
+#endif
+
 // Tiles whose scores share one softmax update: a block of 128 keys at most. Per chunk, one
 // maximum per row (not per tile), one rescaling of the accumulators, and the values' pass
 // over all its keys with the accumulators in registers; the running sums stay vectors.
@@ -331,6 +435,10 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   }
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
+  constexpr bool int_keys = INT8_DOTS && KF == I8 && NC % 4 == 0;
+  FixedQuery<NC> fq[R];
+  if constexpr (int_keys)
+    for (int r = 0; r < R; ++r) fq[r] = fixed_query<NC>(qv[r]);
 
   // (block, tile within it) of the next chunk and of the tile to prefetch, advanced as
   // tiles are consumed (no division per tile)
@@ -358,21 +466,30 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       const int64_t slot = block_slot + off;
       const uint8_t* kbase = K.data + (head * K.slots + slot) * kdd * K.elem;
       const c10::Half* kgs = k_lut ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
-      v16 part_dot[R][TILE];
-      for (int j = 0; j < n; ++j) {
-        v16 kc[NC];
-        load_as<NC, KF>(K, kbase + j * kdd * K.elem, kgs ? kgs + j * K.groups : nullptr, kc);
+      v16 raw[R];  // q . k of the tile's keys, per head, before the per-token scales
+      if constexpr (int_keys) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        int8_scores<NC, R>(kbase, n, fq, raw);
+#endif
+      } else {
+        v16 part_dot[R][TILE];
+        for (int j = 0; j < n; ++j) {
+          v16 kc[NC];
+          load_as<NC, KF>(K, kbase + j * kdd * K.elem, kgs ? kgs + j * K.groups : nullptr, kc);
+          for (int r = 0; r < R; ++r) {
+            v16 d = qv[r][0] * kc[0];
+            for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
+            part_dot[r][j] = d;
+          }
+        }
         for (int r = 0; r < R; ++r) {
-          v16 d = qv[r][0] * kc[0];
-          for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
-          part_dot[r][j] = d;
+          for (int j = n; j < TILE; ++j) part_dot[r][j] = v16{};
+          raw[r] = reduce16(part_dot[r]);
         }
       }
-      for (int r = 0; r < R; ++r)
-        for (int j = n; j < TILE; ++j) part_dot[r][j] = v16{};
       const v16 km = token_scales(K, head, slot, n) * scale;
       for (int r = 0; r < R; ++r) {
-        v16 s = reduce16(part_dot[r]) * km;
+        v16 s = raw[r] * km;
         s = lane < (float)n ? s : splat(-INFINITY);
         if (first_key > key0) s = lane >= (float)(first_key - key0) ? s : splat(-INFINITY);  // window
         sc[r][u] = s;
@@ -667,6 +784,10 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
     at::parallel_for(0, q.size(0) * q.size(1), 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) fwht(p + i * D, D);
     });
+  }
+  if (k_fmt == I8) {  // int8 keys: the query in fixed point (kv/fixed_point.py), every path
+    if (q.is_same(q_in)) q = q_in.clone();
+    round_query_rows(q.data_ptr<float>(), q.size(0) * q.size(1), q.size(2));
   }
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && q_start.scalar_type() == at::kInt &&
                   ctx_len.scalar_type() == at::kInt,

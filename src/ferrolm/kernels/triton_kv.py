@@ -260,6 +260,18 @@ def _hadamard(had_ptr, D: tl.constexpr):
 
 
 @triton.jit
+def _round_query(q):
+    """Rows of q -> round(q / 2^e) * 2^e, e the smallest integer >= -126 with max|q| <=
+    16256 * 2^e, from the bits of max|q| (kv/fixed_point.py: the query int8 keys see)."""
+    bits = tl.max(tl.abs(q), axis=1).to(tl.uint32, bitcast=True)
+    e = (bits >> 23).to(tl.int32) - 140 + ((bits & 0x7FFFFF) > 0x7E0000).to(tl.int32)
+    e = tl.maximum(e, -126)
+    down = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    up = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    return _round_even(q * down[:, None]) * up[:, None]
+
+
+@triton.jit
 def _dot(a, b, DT: tl.constexpr):
     if DT == tl.float32:  # noqa: SIM300
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -309,6 +321,7 @@ def paged_attention_kernel(
     Q_ROT: tl.constexpr,
     O_ROT: tl.constexpr,
     SCALE_TILES: tl.constexpr,
+    Q_FIX: tl.constexpr,
 ):
     """Program (sequence b and query tile, kv head, context split). Rows r = m * GP + g:
     query m of the tile, query head kvh * G + g (GP = G rounded up to a power of 2)."""
@@ -334,6 +347,8 @@ def paged_attention_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     if Q_ROT:  # keys stored rotated: q H . k H = q . k
         q = _dot(q, _hadamard(had_ptr, D), tl.float32)
+    if Q_FIX:  # int8 keys: the query in 15-bit fixed point, as in every backend
+        q = _round_query(q)
 
     last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: first..last-1
     # With a sliding window, from the window of the tile's first query (a whole key tile).

@@ -112,6 +112,9 @@ class KvFormat:
     # s = fp16(max((max - min) / qmax, 2^-14)), m = fp16(min) over the block's tokens. A
     # block is quantized once it is full; until then the pool keeps its tokens in fp16.
     per_channel_block: bool = False
+    # Queries dotted with these keys are first rounded to 15-bit fixed point per (token,
+    # head) (kv/fixed_point.py), so int8 keys can be dotted in integers; every backend alike.
+    fixed_point_query: bool = False
 
     @property
     def name(self) -> str:
@@ -243,7 +246,15 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
         # Rotated: measured with `ferrolm eval` (8 x 1024, SmolLM2-135M, bf16 compute), the
         # Hadamard rotation lowers the mean KL to the fp32 cache 1.9x for int8, 1.3x for
         # fp8 and e5m2 (README); kv_cache_rotation = off stores them unrotated.
-        KvFormat(KvCacheDtype.INT8, torch.int8, bits=8, qmax=127.0, rounds=True, rotated=True),
+        KvFormat(
+            KvCacheDtype.INT8,
+            torch.int8,
+            bits=8,
+            qmax=127.0,
+            rounds=True,
+            rotated=True,
+            fixed_point_query=True,
+        ),
         KvFormat(KvCacheDtype.FP8, torch.float8_e4m3fn, bits=8, qmax=448.0, rotated=True),
         KvFormat(KvCacheDtype.FP8_E5M2, torch.float8_e5m2, bits=8, qmax=57344.0, rotated=True),
         KvFormat(

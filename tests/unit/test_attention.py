@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from ferrolm.attention import AttentionMetadata, paged_attention
 from ferrolm.attention.hadamard import fwht, hadamard
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype, KvFormat
+from ferrolm.kv.fixed_point import round_query
 from ferrolm.kv.pool import KvPool
 from ferrolm.kv.spec import KvSpec
 
@@ -32,6 +33,16 @@ def _as_cached(fmt: KvFormat, x: torch.Tensor) -> torch.Tensor:
         return fmt.dequantize(*fmt.quantize(x))
     h = hadamard(x.shape[-1])
     return fmt.dequantize(*fmt.quantize(fwht(x))) @ h  # stored as the layer rotates: fwht
+
+
+def _as_dotted(fmt: KvFormat, q: torch.Tensor) -> torch.Tensor:
+    """The query keys stored in fmt are dotted with: integer-coded keys see it rounded to
+    fixed point (kv/fixed_point.py) in the basis they are stored in."""
+    if not fmt.fixed_point_query:
+        return q
+    if not fmt.rotated:
+        return round_query(q)
+    return round_query(fwht(q)) @ hadamard(q.shape[-1])
 
 
 def _step(spec: KvSpec, seed: int = 0):
@@ -80,7 +91,8 @@ def _reference(fk, fv, q, k, v, start):
     rows = []
     for i in range(q.shape[0]):
         p = start + i
-        rows.append(_dense(q[i : i + 1], _cached(fk, k[: p + 1], p), _cached(fv, v[: p + 1], p), p))
+        qi = _as_dotted(fk, q[i : i + 1])
+        rows.append(_dense(qi, _cached(fk, k[: p + 1], p), _cached(fv, v[: p + 1], p), p))
     return torch.cat(rows)
 
 

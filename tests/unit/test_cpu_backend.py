@@ -106,12 +106,13 @@ def test_quantize_on_write_stores_the_reference_bytes_at_the_edges(dtype):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_int8_keys_round_the_query_as_the_reference(head_dim):
+@pytest.mark.parametrize("dtype", ["int8+norot", "int4+norot", "int4_g16+norot"])
+def test_integer_keys_round_the_query_as_the_reference(dtype, head_dim):
     """Queries at the fixed point's edges (kv/fixed_point.py): the largest element exactly
     at 16256 steps or just past it, the others at rounding ties; decodes (the integer dots)
     and a prefill chunk (the float path) must round them as the reference does."""
     g = torch.Generator().manual_seed(5)
-    spec = KvSpec.parse("int8+norot", 1)
+    spec = KvSpec.parse(dtype, 1)
     heads, kv_heads, bs = 6, 2, 16
     seqs = [(40, 1), (23, 1), (0, 9), (70, 1)]
     need = [-(-(c + n) // bs) for c, n in seqs]

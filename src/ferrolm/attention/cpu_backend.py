@@ -29,8 +29,20 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 _EMPTY = torch.empty(0)
 
 
+# Flag on a format's code: queries dotted with these keys are rounded to fixed point first
+# (kv/fixed_point.py), and the kernel may dot them in integers.
+FIXED_QUERY = 16
+
+
 def format_code(fmt: KvFormat) -> int | None:
     """The kernel's code for a format (None: the kernel cannot read it)."""
+    code = _storage_code(fmt)
+    if code is None or not fmt.fixed_point_query:
+        return code
+    return code | FIXED_QUERY
+
+
+def _storage_code(fmt: KvFormat) -> int | None:
     if fmt.per_channel_block:
         return PC4 if fmt.pack == 2 and fmt.scale_dtype == torch.float16 else None
     if not fmt.scaled:

@@ -15,6 +15,9 @@
 namespace {
 
 enum Fmt : int64_t { F32 = 0, F16 = 1, BF16 = 2, I8 = 3, E4M3 = 4, E5M2 = 5, LUT4 = 6, PC4 = 7 };
+// Flag on a format code (attention/cpu_backend.py): queries dotted with these keys are rounded
+// to 15-bit fixed point first (kv/fixed_point.py), so integer codes can be dotted in integers.
+constexpr int64_t FIXED_QUERY = 16;
 constexpr float MIN_SCALE = 1.0f / 16384.0f;
 constexpr float FP16_MAX = 65504.0f;
 
@@ -28,6 +31,7 @@ struct Half {
   v16 lut;                 // LUT4: value of each nibble before the group scale
   int gsize;               // LUT4: values per group scale
   float factor;            // folded into per-token scales (256 for E4M3)
+  bool fixed_query;        // keys: queries rounded to fixed point first (FIXED_QUERY)
 
   bool per_token_scale() const { return fmt == I8 || fmt == E4M3 || fmt == E5M2; }
 };
@@ -363,6 +367,45 @@ FixedQuery<NC> fixed_query(const v16* q) {
   return f;
 }
 
+// One query head's rounded q for int4 keys (codes q + 8, element 2i in the low nibble of
+// byte i): packed dword m of a key row holds dims 8m..8m+7, its low nibbles dims 8m + 2b,
+// its high nibbles 8m + 2b + 1 (b = 0..3). p1/p2[nibble][m]: the four int8 of each part for
+// those dims; bias[g] = 8 * sum of q' over group g (codes enter as q + 8).
+template <int NC>
+struct FixedQuery4 {
+  int32_t p1[2][2 * NC], p2[2][2 * NC];
+  int32_t bias[NC / 2];  // groups of at least 32 dims
+  float step;
+};
+
+template <int NC>
+FixedQuery4<NC> fixed_query4(const float* q, int gsize) {
+  v16 x[NC];
+  for (int c = 0; c < NC; ++c) x[c] = load16(q + 16 * c);
+  const FixedQuery<NC> f = fixed_query<NC>(x);  // the parts in natural order
+  int8_t hi[16 * NC], lo[16 * NC];
+  std::memcpy(hi, f.hi, sizeof hi);
+  std::memcpy(lo, f.lo, sizeof lo);
+  FixedQuery4<NC> g;
+  g.step = f.step;
+  int8_t a[2][2 * NC][4], b[2][2 * NC][4];
+  for (int m = 0; m < 2 * NC; ++m)
+    for (int nib = 0; nib < 2; ++nib)
+      for (int k = 0; k < 4; ++k) {
+        a[nib][m][k] = hi[8 * m + 2 * k + nib];
+        b[nib][m][k] = lo[8 * m + 2 * k + nib];
+      }
+  std::memcpy(g.p1, a, sizeof a);
+  std::memcpy(g.p2, b, sizeof b);
+  for (int grp = 0; grp < 16 * NC / gsize; ++grp) {
+    int32_t sum = 0;
+    for (int d = grp * gsize; d < (grp + 1) * gsize; ++d) sum += 128 * hi[d] + lo[d];
+    g.bias[grp] = 8 * sum;
+  }
+  return g;
+}
+
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // Scores q . k of n <= 16 int8 keys (rows of 16 NC bytes from `kbase`) for R heads, exact
 // integers times 2^e (one rounding: int32 -> fp32): per 64 dims, the 16 x 64-byte tile
@@ -393,6 +436,57 @@ __attribute__((always_inline)) inline void int8_scores(const uint8_t* kbase, int
                                        _mm512_set1_epi32(fq[r].bias));
     out[r] = bits<v16>(_mm512_cvtepi32_ps(d)) * fq[r].step;
   }
+}
+
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Scores q . k of n <= 16 int4 keys (rows of 8 NC bytes from `kbase`, group scales `gs` per
+// key) for R heads: the packed tile transposed so that vector m holds packed dword m of every
+// key, each nibble half one vpdpbusd per part and head, per group of dims an exact int32 sum
+// scaled by the keys' group scales in fp32.
+template <int NC, int R>
+__attribute__((always_inline)) inline void int4_scores(const uint8_t* kbase, int n, const c10::Half* gs,
+                                                       int groups, int gsize, const FixedQuery4<NC>* fq,
+                                                       v16* out) {
+  static_assert(NC == 4 || NC == 8, "64 or 128 dims: one key's packed row in half or all of a vector");
+  constexpr int PD = 2 * NC;  // packed dwords per key
+  v16 t[16];
+  for (int j = 0; j < 16; ++j) {
+    if (j >= n) {
+      t[j] = v16{};
+    } else if constexpr (PD == 16) {
+      t[j] = bits<v16>(_mm512_loadu_si512(kbase + j * 64));
+    } else {
+      t[j] = bits<v16>(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kbase + j * 32))));
+    }
+  }
+  transpose16(t);
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  v16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = v16{};
+  const int per = gsize / 8;  // packed dwords per group
+  for (int g = 0; g < groups; ++g) {
+    __m512i a1[R], a2[R];
+    for (int r = 0; r < R; ++r) a1[r] = a2[r] = _mm512_setzero_si512();
+    for (int m = g * per; m < (g + 1) * per; ++m) {
+      const __m512i w = bits<__m512i>(t[m]);
+      const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+      for (int r = 0; r < R; ++r) {
+        a1[r] = _mm512_dpbusd_epi32(a1[r], lo, _mm512_set1_epi32(fq[r].p1[0][m]));
+        a1[r] = _mm512_dpbusd_epi32(a1[r], hi, _mm512_set1_epi32(fq[r].p1[1][m]));
+        a2[r] = _mm512_dpbusd_epi32(a2[r], lo, _mm512_set1_epi32(fq[r].p2[0][m]));
+        a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(fq[r].p2[1][m]));
+      }
+    }
+    v16 sg{};
+    for (int j = 0; j < n; ++j) sg[j] = half_to_float(gs[j * groups + g]);
+    for (int r = 0; r < R; ++r) {
+      const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1[r], 7), a2[r]),
+                                         _mm512_set1_epi32(fq[r].bias[g]));
+      acc[r] += bits<v16>(_mm512_cvtepi32_ps(d)) * sg;
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = acc[r] * fq[r].step;
 }
 #endif
 
@@ -435,10 +529,18 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   }
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
-  constexpr bool int_keys = INT8_DOTS && KF == I8 && NC % 4 == 0;
-  FixedQuery<NC> fq[R];
-  if constexpr (int_keys)
-    for (int r = 0; r < R; ++r) fq[r] = fixed_query<NC>(qv[r]);
+  // Integer dots where the CPU has VNNI and the keys' codes are integers (int8; int4 in
+  // groups of at least 32), over the query in fixed point (rounded by attend already).
+  constexpr bool i8_dots = INT8_DOTS && KF == I8 && NC % 4 == 0;
+  constexpr bool i4_dots = INT8_DOTS && KF == LUT4 && (NC == 4 || NC == 8);
+  const bool int_dots = (i8_dots || i4_dots) && K.fixed_query && (!i4_dots || K.gsize >= 32);
+  FixedQuery<i8_dots ? NC : 1> fq[R];
+  FixedQuery4<i4_dots ? NC : 4> fq4[R];
+  if (int_dots)
+    for (int r = 0; r < R; ++r) {
+      if constexpr (i8_dots) fq[r] = fixed_query<NC>(qv[r]);
+      if constexpr (i4_dots) fq4[r] = fixed_query4<NC>(q + tok0 * H * D + (head * R + r) * D, K.gsize);
+    }
 
   // (block, tile within it) of the next chunk and of the tile to prefetch, advanced as
   // tiles are consumed (no division per tile)
@@ -467,9 +569,10 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       const uint8_t* kbase = K.data + (head * K.slots + slot) * kdd * K.elem;
       const c10::Half* kgs = k_lut ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
       v16 raw[R];  // q . k of the tile's keys, per head, before the per-token scales
-      if constexpr (int_keys) {
+      if (int_dots) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        int8_scores<NC, R>(kbase, n, fq, raw);
+        if constexpr (i8_dots) int8_scores<NC, R>(kbase, n, fq, raw);
+        if constexpr (i4_dots) int4_scores<NC, R>(kbase, n, kgs, (int)K.groups, K.gsize, fq4, raw);
 #endif
       } else {
         v16 part_dot[R][TILE];
@@ -746,6 +849,8 @@ Half make_half(const at::Tensor& data, const c10::optional<at::Tensor>& scale,
                const at::Tensor& lut, int64_t bs) {
   Half h{};
   h.data = static_cast<const uint8_t*>(data.data_ptr());
+  h.fixed_query = (fmt & FIXED_QUERY) != 0;
+  fmt &= FIXED_QUERY - 1;
   h.fmt = fmt;
   h.elem = data.element_size();
   h.slots = data.size(1);
@@ -785,7 +890,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
       for (int64_t i = lo; i < hi; ++i) fwht(p + i * D, D);
     });
   }
-  if (k_fmt == I8) {  // int8 keys: the query in fixed point (kv/fixed_point.py), every path
+  if (k_fmt & FIXED_QUERY) {  // the query in fixed point (kv/fixed_point.py), every path
     if (q.is_same(q_in)) q = q_in.clone();
     round_query_rows(q.data_ptr<float>(), q.size(0) * q.size(1), q.size(2));
   }
@@ -898,6 +1003,7 @@ inline __m128i fp8_from_f32(__m512 v) {
 void kv_write(const at::Tensor& x_in, const at::Tensor& slots, const at::Tensor& data, const c10::optional<at::Tensor>& scale,
            int64_t fmt, double qmax_d, const at::Tensor& mids, int64_t rotate) {
   TORCH_CHECK(x_in.dim() == 3 && at::isFloatingType(x_in.scalar_type()), "x: [T, H, D], floating point");
+  fmt &= FIXED_QUERY - 1;  // the stored bytes do not depend on how queries are dotted
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   TORCH_CHECK(slots.scalar_type() == at::kLong, "slots are int64");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), S = data.size(1);

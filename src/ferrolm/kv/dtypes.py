@@ -113,7 +113,8 @@ class KvFormat:
     # block is quantized once it is full; until then the pool keeps its tokens in fp16.
     per_channel_block: bool = False
     # Queries dotted with these keys are first rounded to 15-bit fixed point per (token,
-    # head) (kv/fixed_point.py), so int8 keys can be dotted in integers; every backend alike.
+    # head) (kv/fixed_point.py), so integer codes (int8, int4) can be dotted in integers;
+    # every backend alike.
     fixed_point_query: bool = False
 
     @property
@@ -258,7 +259,15 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
         KvFormat(KvCacheDtype.FP8, torch.float8_e4m3fn, bits=8, qmax=448.0, rotated=True),
         KvFormat(KvCacheDtype.FP8_E5M2, torch.float8_e5m2, bits=8, qmax=57344.0, rotated=True),
         KvFormat(
-            KvCacheDtype.INT4, torch.uint8, bits=4, qmax=7.0, rounds=True, pack=2, group_size=32, rotated=True
+            KvCacheDtype.INT4,
+            torch.uint8,
+            bits=4,
+            qmax=7.0,
+            rounds=True,
+            pack=2,
+            group_size=32,
+            rotated=True,
+            fixed_point_query=True,
         ),
         KvFormat(
             KvCacheDtype.INT4_G16,
@@ -269,6 +278,7 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
             pack=2,
             group_size=16,
             rotated=True,
+            fixed_point_query=True,
         ),
         KvFormat(
             KvCacheDtype.NF4,

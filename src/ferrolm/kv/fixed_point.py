@@ -1,14 +1,14 @@
-"""The query that int8 keys are dotted with: rounded to 15-bit fixed point.
+"""The query that integer keys (int8, int4) are dotted with: rounded to 15-bit fixed point.
 
-Part of the int8 format's definition (`KvFormat.fixed_point_query`), the same in every
+Part of those formats' definition (`KvFormat.fixed_point_query`), the same in every
 backend: per (token, query head), after the rotation, q becomes round(q / 2^e) * 2^e, e the
 smallest integer (at least -126) with max|q| <= 16256 * 2^e. 16256 = 127 * 128, so the
 integer q' = round(q / 2^e) splits exactly into an int8 high part and a low part in
-[-64, 64]: q' = 128 * round(q' / 128) + rest, and q' . k for int8 codes k is two int8 dot
-products, exact in int32 (the CPU kernel's VNNI path; the other paths dot the rounded
-values in fp32). The rounding is at most 2^-14 of the row's largest element, finer than
+[-64, 64]: q' = 128 * round(q' / 128) + rest, and q' . k for integer codes k is two int8
+dot products per scale group, exact in int32 (the CPU kernel's VNNI path; the other paths
+dot the rounded values in fp32). The rounding is at most 2^-14 of the row's largest element, finer than
 the bf16 compute dtype's own rounding of q (2^-9 of each element); `ferrolm eval` shows
-no change in int8's quality (README).
+no change in int8's or int4's quality (README).
 """
 
 from __future__ import annotations

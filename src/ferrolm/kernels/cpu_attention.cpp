@@ -314,7 +314,7 @@ inline float pow2(int e) {  // 2^e for -126 <= e <= 127
 
 // Rows of q (fp32, after the rotation) -> round(q / 2^e) * 2^e in place, row by row.
 void round_query_rows(float* q, int64_t rows, int64_t D) {
-  at::parallel_for(0, rows, 64, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {  // a decode step's rows: inline
     for (int64_t i = lo; i < hi; ++i) {
       float* x = q + i * D;
       float amax = 0.0f;

@@ -11,7 +11,7 @@ with bit operations) belong to attention backends, not to the rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -238,6 +238,20 @@ def _unpack_int4(data: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).flatten(-2)
 
 
+# Two signed 4-bit codes per byte (q + 8), one fp16 scale per 32 values; int4_g16 is the
+# same with groups of 16.
+_INT4 = KvFormat(
+    KvCacheDtype.INT4,
+    torch.uint8,
+    bits=4,
+    qmax=7.0,
+    rounds=True,
+    pack=2,
+    group_size=32,
+    rotated=True,
+    fixed_point_query=True,
+)
+
 FORMATS: dict[KvCacheDtype, KvFormat] = {
     f.dtype: f
     for f in (
@@ -258,28 +272,8 @@ FORMATS: dict[KvCacheDtype, KvFormat] = {
         ),
         KvFormat(KvCacheDtype.FP8, torch.float8_e4m3fn, bits=8, qmax=448.0, rotated=True),
         KvFormat(KvCacheDtype.FP8_E5M2, torch.float8_e5m2, bits=8, qmax=57344.0, rotated=True),
-        KvFormat(
-            KvCacheDtype.INT4,
-            torch.uint8,
-            bits=4,
-            qmax=7.0,
-            rounds=True,
-            pack=2,
-            group_size=32,
-            rotated=True,
-            fixed_point_query=True,
-        ),
-        KvFormat(
-            KvCacheDtype.INT4_G16,
-            torch.uint8,
-            bits=4,
-            qmax=7.0,
-            rounds=True,
-            pack=2,
-            group_size=16,
-            rotated=True,
-            fixed_point_query=True,
-        ),
+        _INT4,
+        replace(_INT4, dtype=KvCacheDtype.INT4_G16, group_size=16),
         KvFormat(
             KvCacheDtype.NF4,
             torch.uint8,

@@ -298,7 +298,7 @@ inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
   return out;
 }
 
-// --- Int8 keys: the query in 15-bit fixed point (kv/fixed_point.py), dotted in integers ---
+// --- Integer keys (int8, int4): the query in 15-bit fixed point (kv/fixed_point.py), dotted in integers ---
 // e of a row: the smallest integer >= -126 with max|q| <= 16256 * 2^e, from amax's bits
 // (16256 = 1.984375 * 2^13: mantissa field 0x7E0000), as torch.frexp gives it.
 inline int query_exponent(float amax) {
@@ -344,25 +344,31 @@ struct FixedQuery {
   float step;  // 2^e
 };
 
+// A rounded query row (16 NC values) -> q' = 128 hi + lo per dim; returns 2^e.
 template <int NC>
-FixedQuery<NC> fixed_query(const v16* q) {
-  FixedQuery<NC> f;
+float split_query(const v16* q, int8_t* hi, int8_t* lo) {
   float amax = 0.0f;
   for (int c = 0; c < NC; ++c)
     for (int i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(q[c][i]));
   const int e = query_exponent(amax);
   const float down = pow2(-e);
-  f.step = pow2(e);
-  int8_t hi[16 * NC], lo[16 * NC];
-  int32_t sum = 0;
   for (int c = 0; c < NC; ++c)
     for (int i = 0; i < 16; ++i) {
       const int32_t qi = (int32_t)std::nearbyint(q[c][i] * down);  // exact: q is rounded already
       const int32_t h = (int32_t)std::nearbyint((float)qi * (1.0f / 128.0f));
       hi[16 * c + i] = (int8_t)h;
       lo[16 * c + i] = (int8_t)(qi - 128 * h);
-      sum += qi;
     }
+  return pow2(e);
+}
+
+template <int NC>
+FixedQuery<NC> fixed_query(const v16* q) {
+  FixedQuery<NC> f;
+  int8_t hi[16 * NC], lo[16 * NC];
+  f.step = split_query<NC>(q, hi, lo);
+  int32_t sum = 0;
+  for (int d = 0; d < 16 * NC; ++d) sum += 128 * hi[d] + lo[d];
   std::memcpy(f.hi, hi, sizeof hi);
   std::memcpy(f.lo, lo, sizeof lo);
   f.bias = 128 * sum;
@@ -384,12 +390,9 @@ template <int NC>
 FixedQuery4<NC> fixed_query4(const float* q, int gsize) {
   v16 x[NC];
   for (int c = 0; c < NC; ++c) x[c] = load16(q + 16 * c);
-  const FixedQuery<NC> f = fixed_query<NC>(x);  // the parts in natural order
   int8_t hi[16 * NC], lo[16 * NC];
-  std::memcpy(hi, f.hi, sizeof hi);
-  std::memcpy(lo, f.lo, sizeof lo);
   FixedQuery4<NC> g;
-  g.step = f.step;
+  g.step = split_query<NC>(x, hi, lo);
   int8_t a[2][2 * NC][4], b[2][2 * NC][4];
   for (int m = 0; m < 2 * NC; ++m)
     for (int nib = 0; nib < 2; ++nib)
@@ -407,8 +410,13 @@ FixedQuery4<NC> fixed_query4(const float* q, int gsize) {
   return g;
 }
 
-
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The exact dot of the two parts' sums (keys entered offset): 128 hi . k + lo . k - bias.
+inline v16 combine_parts(__m512i a_hi, __m512i a_lo, int32_t bias) {
+  return bits<v16>(_mm512_cvtepi32_ps(
+      _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a_hi, 7), a_lo), _mm512_set1_epi32(bias))));
+}
+
 // Scores q . k of n <= 16 int8 keys (rows of 16 NC bytes from `kbase`) for R heads, exact
 // integers times 2^e (one rounding: int32 -> fp32): per 64 dims, the 16 x 64-byte tile
 // transposed so that vector m holds dword m of every key, then one vpdpbusd per dword, part
@@ -433,15 +441,9 @@ __attribute__((always_inline)) inline void int8_scores(const uint8_t* kbase, int
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1[r], 7), a2[r]),
-                                       _mm512_set1_epi32(fq[r].bias));
-    out[r] = bits<v16>(_mm512_cvtepi32_ps(d)) * fq[r].step;
-  }
+  for (int r = 0; r < R; ++r) out[r] = combine_parts(a1[r], a2[r], fq[r].bias) * fq[r].step;
 }
 
-#endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // Scores q . k of n <= 16 int4 keys (rows of 8 NC bytes from `kbase`, group scales `gs` per
 // key) for R heads: the packed tile transposed so that vector m holds packed dword m of every
 // key, each nibble half one vpdpbusd per part and head, per group of dims an exact int32 sum
@@ -482,11 +484,7 @@ __attribute__((always_inline)) inline void int4_scores(const uint8_t* kbase, int
     }
     v16 sg{};
     for (int j = 0; j < n; ++j) sg[j] = half_to_float(gs[j * groups + g]);
-    for (int r = 0; r < R; ++r) {
-      const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1[r], 7), a2[r]),
-                                         _mm512_set1_epi32(fq[r].bias[g]));
-      acc[r] += bits<v16>(_mm512_cvtepi32_ps(d)) * sg;
-    }
+    for (int r = 0; r < R; ++r) acc[r] += combine_parts(a1[r], a2[r], fq[r].bias[g]) * sg;
   }
   for (int r = 0; r < R; ++r) out[r] = acc[r] * fq[r].step;
 }

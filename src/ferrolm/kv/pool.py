@@ -5,7 +5,7 @@ layout its formats ask for (the KV spec may differ per layer and per half):
 data [kv_heads, slots, data_dim] in the format's storage dtype (head-major, so a
 gathered context is already [kv_heads, seqs, tokens, ...] for batched matmuls),
 and for scaled formats scales [kv_heads, slots, groups]. Everything is allocated
-once (zeroed) and released with the pool.
+once (zeroed; large tensors on 2 MiB pages, kv/host_memory.py) and released with the pool.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from ferrolm.kv.dtypes import FORMATS, KvCacheDtype, KvFormat
 from ferrolm.kv.groups import KvGroups
+from ferrolm.kv.host_memory import zeros
 from ferrolm.kv.spec import KvSpec
 
 GIB = 1 << 30
@@ -135,16 +136,14 @@ class KvPool:
 
     def _half(self, fmt: KvFormat, device) -> HalfCache:
         H, D = self.num_kv_heads, self.head_dim
-        data = torch.zeros((H, self.num_slots, fmt.data_dim(D)), dtype=fmt.storage, device=device)
+        data = zeros((H, self.num_slots, fmt.data_dim(D)), fmt.storage, device)
         if fmt.per_channel_block:
-            scale = torch.zeros((H, self.num_blocks, 2, D), dtype=fmt.scale_dtype, device=device)
-            staging = torch.zeros(
-                (H, self.staging_rows, self.block_size, D), dtype=torch.float16, device=device
-            )
+            scale = zeros((H, self.num_blocks, 2, D), fmt.scale_dtype, device)
+            staging = zeros((H, self.staging_rows, self.block_size, D), torch.float16, device)
             return HalfCache(fmt, data, scale, staging)
         scale = None
         if fmt.scaled:
-            scale = torch.zeros((H, self.num_slots, fmt.num_groups(D)), dtype=fmt.scale_dtype, device=device)
+            scale = zeros((H, self.num_slots, fmt.num_groups(D)), fmt.scale_dtype, device)
         return HalfCache(fmt, data, scale)
 
     @property

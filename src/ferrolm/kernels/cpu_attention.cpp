@@ -264,6 +264,16 @@ __attribute__((always_inline)) inline void load_fmt(const Half& h, const uint8_t
   }
 }
 
+// A 4-bit row's table values in nibble order, before any scale (scales folded elsewhere).
+template <int NC>
+__attribute__((always_inline)) inline void lut_codes(const Half& h, const uint8_t* row, v16* x) {
+  for (int s = 0; s < NC / 2; ++s) {
+    const i32x16 idx = bytes_to_i32(row + 16 * s);
+    x[2 * s] = lookup16(h.lut, idx & 15);
+    x[2 * s + 1] = lookup16(h.lut, idx >> 4);
+  }
+}
+
 // The same with the format chosen at run time (pairs of formats without their own code).
 template <int NC>
 void load_row(const Half& h, const uint8_t* row, const c10::Half* gscale, v16* x) {
@@ -296,6 +306,31 @@ inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
   v16 out{};
   for (int j = 0; j < n; ++j) out[j] = half_to_float(s[j]) * h.factor;
   return out;
+}
+
+// The group scales of n <= 16 consecutive keys (`groups` fp16 per key, keys contiguous from
+// gs) as one vector per group, lanes past n zero: for a whole tile one or two loads and a word
+// permute per group instead of 16 groups scalar conversions.
+inline void group_scales(const c10::Half* gs, int n, int groups, v16* out) {
+#if defined(__AVX512BW__)
+  if (n == TILE && (groups == 1 || groups == 2 || groups == 4)) {
+    const __m512i a = groups == 4 ? _mm512_loadu_si512(gs)  // masked: no read past the tile's scales
+                                  : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (16 * groups)) - 1), gs);
+    const __m512i b = groups == 4 ? _mm512_loadu_si512(gs + 32) : a;
+    const __m512i key = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 14, 13, 12, 11, 10, 9,
+                                         8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i first = _mm512_mullo_epi16(key, _mm512_set1_epi16((short)groups));
+    for (int g = 0; g < groups; ++g) {
+      const __m512i h = _mm512_permutex2var_epi16(a, _mm512_add_epi16(first, _mm512_set1_epi16((short)g)), b);
+      out[g] = bits<v16>(_mm512_cvtph_ps(_mm512_castsi512_si256(h)));
+    }
+    return;
+  }
+#endif
+  for (int g = 0; g < groups; ++g) {
+    out[g] = v16{};
+    for (int j = 0; j < n; ++j) out[g][j] = half_to_float(gs[j * groups + g]);
+  }
 }
 
 // --- Integer keys (int8, int4): the query in 15-bit fixed point (kv/fixed_point.py), dotted in integers ---
@@ -469,6 +504,8 @@ __attribute__((always_inline)) inline void int4_scores(const uint8_t* kbase, int
   v16 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = v16{};
   const int per = gsize / 8;  // packed dwords per group
+  v16 sgs[NC / 2];  // groups of at least 32 dims
+  group_scales(gs, n, groups, sgs);
   for (int g = 0; g < groups; ++g) {
     __m512i a1[R], a2[R];
     for (int r = 0; r < R; ++r) a1[r] = a2[r] = _mm512_setzero_si512();
@@ -482,9 +519,7 @@ __attribute__((always_inline)) inline void int4_scores(const uint8_t* kbase, int
         a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(fq[r].p2[1][m]));
       }
     }
-    v16 sg{};
-    for (int j = 0; j < n; ++j) sg[j] = half_to_float(gs[j * groups + g]);
-    for (int r = 0; r < R; ++r) acc[r] += combine_parts(a1[r], a2[r], fq[r].bias[g]) * sg;
+    for (int r = 0; r < R; ++r) acc[r] += combine_parts(a1[r], a2[r], fq[r].bias[g]) * sgs[g];
   }
   for (int r = 0; r < R; ++r) out[r] = acc[r] * fq[r].step;
 }
@@ -534,6 +569,13 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   constexpr bool i8_dots = INT8_DOTS && KF == I8 && NC % 4 == 0;
   constexpr bool i4_dots = INT8_DOTS && KF == LUT4 && (NC == 4 || NC == 8);
   const bool int_dots = (i8_dots || i4_dots) && K.fixed_query && (!i4_dots || K.gsize >= 32);
+  // 4-bit values in groups of 32 or more: each group's scale is folded into the
+  // probabilities (one vector per group and tile) instead of multiplied into every value.
+  constexpr bool v_fold_code = VF == LUT4 && (NC == 4 || NC == 8);
+  constexpr int VG = v_fold_code ? NC / 2 : 1;  // groups of >= 32 values
+  const bool v_fold = v_fold_code && V.gsize >= 32;
+  int span_group[VG];  // the group of each 32-value span
+  for (int sp = 0; sp < VG; ++sp) span_group[sp] = v_fold ? 32 * sp / V.gsize : 0;
   FixedQuery<i8_dots ? NC : 1> fq[R];
   FixedQuery4<i4_dots ? NC : 4> fq4[R];
   if (int_dots)
@@ -550,7 +592,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     if (bi * bs + ti * TILE > pos) break;
     const int nt = (int)std::min<int64_t>({(int64_t)CHUNK, tiles_per_block - ti, t_end - t});
     const int64_t block_slot = (int64_t)tables[b * nblk + bi] * bs;
-    v16 sc[R][CHUNK], vm[CHUNK];
+    v16 sc[R][CHUNK], vm[CHUNK], vg[CHUNK][VG];
     int ns[CHUNK];
     int used = 0;  // tiles of the chunk holding keys at or before pos
     // Scores, tile by tile: per key, its row converted once, dotted with the R queries.
@@ -598,6 +640,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         sc[r][u] = s;
       }
       vm[u] = token_scales(V, head, slot, n);
+      if (v_fold) group_scales(V.scale + (head * V.slots + slot) * V.groups, n, (int)V.groups, vg[u]);
       ns[u] = n;
       ++used;
     }
@@ -612,13 +655,16 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       m_new[r] = m[r] = std::max(m[r], hmax(mx));
     }
     const v16 corr = m_old == splat(-INFINITY) ? v16{} : vexp(m_old - m_new);
-    alignas(64) float p[R][CHUNK * TILE];
+    alignas(64) float p[R][VG][CHUNK * TILE];  // [.][g]: times value group g's scales (v_fold)
     for (int r = 0; r < R; ++r) {
       v16 sum = lsum[r] * corr[r];
       for (int u = 0; u < used; ++u) {
         const v16 e = vexp(sc[r][u] - m[r]);
         sum += e;
-        store16(p[r] + u * TILE, e * vm[u]);
+        if (v_fold)
+          for (int g = 0; g < V.groups; ++g) store16(p[r][g] + u * TILE, e * vg[u][g]);
+        else
+          store16(p[r][0] + u * TILE, e * vm[u]);
       }
       lsum[r] = sum;
     }
@@ -631,11 +677,25 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       const int64_t slot = block_slot + (ti + u) * TILE;
       const uint8_t* vbase = V.data + (head * V.slots + slot) * vdd * V.elem;
       const c10::Half* vgs = v_lut ? V.scale + (head * V.slots + slot) * V.groups : nullptr;
+      if (v_fold) {
+        if constexpr (v_fold_code)
+          for (int j = 0; j < ns[u]; ++j) {
+            v16 vc[NC];
+            lut_codes<NC>(V, vbase + j * vdd, vc);
+            for (int r = 0; r < R; ++r)
+              for (int sp = 0; sp < NC / 2; ++sp) {
+                const float pj = p[r][span_group[sp]][u * TILE + j];
+                a[r][2 * sp] += pj * vc[2 * sp];
+                a[r][2 * sp + 1] += pj * vc[2 * sp + 1];
+              }
+          }
+        continue;
+      }
       for (int j = 0; j < ns[u]; ++j) {
         v16 vc[NC];
         load_as<NC, VF>(V, vbase + j * vdd * V.elem, vgs ? vgs + j * V.groups : nullptr, vc);
         for (int r = 0; r < R; ++r) {
-          const float pj = p[r][u * TILE + j];
+          const float pj = p[r][0][u * TILE + j];
           for (int c = 0; c < NC; ++c) a[r][c] += pj * vc[c];
         }
       }

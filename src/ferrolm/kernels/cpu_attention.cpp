@@ -228,6 +228,16 @@ inline i32x16 bytes_to_i32(const uint8_t* p) {
   return __builtin_convertvector(b, i32x16);
 }
 
+// A 4-bit row's table values in nibble order, before any scale (scales folded elsewhere).
+template <int NC>
+__attribute__((always_inline)) inline void lut_codes(const Half& h, const uint8_t* row, v16* x) {
+  for (int s = 0; s < NC / 2; ++s) {
+    const i32x16 idx = bytes_to_i32(row + 16 * s);
+    x[2 * s] = lookup16(h.lut, idx & 15);
+    x[2 * s + 1] = lookup16(h.lut, idx >> 4);
+  }
+}
+
 // One row (D = 16 NC values) of a half in format F -> registers; LUT4 group-scaled (nibble
 // order), other formats unscaled (their per-token scale is folded in by the caller).
 template <int NC, int F>
@@ -248,8 +258,8 @@ __attribute__((always_inline)) inline void load_fmt(const Half& h, const uint8_t
   } else {  // LUT4, NC even
     static_assert(F == LUT4, "no per-row load for this format");
     const int gs = h.gsize;  // 16, 32, 64 ...
+    lut_codes<NC>(h, row, x);
     for (int s = 0; s < NC / 2; ++s) {
-      const i32x16 idx = bytes_to_i32(row + 16 * s);
       v16 sc;
       if (gs >= 32) {
         sc = splat(half_to_float(gscale[gs == 32 ? s : 32 * s / gs]));
@@ -258,19 +268,9 @@ __attribute__((always_inline)) inline void load_fmt(const Half& h, const uint8_t
         const v16 lane_hi = v16{0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
         sc = splat(a) + (b - a) * lane_hi;
       }
-      x[2 * s] = lookup16(h.lut, idx & 15) * sc;
-      x[2 * s + 1] = lookup16(h.lut, idx >> 4) * sc;
+      x[2 * s] *= sc;
+      x[2 * s + 1] *= sc;
     }
-  }
-}
-
-// A 4-bit row's table values in nibble order, before any scale (scales folded elsewhere).
-template <int NC>
-__attribute__((always_inline)) inline void lut_codes(const Half& h, const uint8_t* row, v16* x) {
-  for (int s = 0; s < NC / 2; ++s) {
-    const i32x16 idx = bytes_to_i32(row + 16 * s);
-    x[2 * s] = lookup16(h.lut, idx & 15);
-    x[2 * s + 1] = lookup16(h.lut, idx >> 4);
   }
 }
 
@@ -310,7 +310,7 @@ inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
 
 // The group scales of n <= 16 consecutive keys (`groups` fp16 per key, keys contiguous from
 // gs) as one vector per group, lanes past n zero: for a whole tile one or two loads and a word
-// permute per group instead of 16 groups scalar conversions.
+// permute per group instead of 16 scalar conversions per group.
 inline void group_scales(const c10::Half* gs, int n, int groups, v16* out) {
 #if defined(__AVX512BW__)
   if (n == TILE && (groups == 1 || groups == 2 || groups == 4)) {

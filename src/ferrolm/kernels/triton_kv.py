@@ -347,7 +347,7 @@ def paged_attention_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
     if Q_ROT:  # keys stored rotated: q H . k H = q . k
         q = _dot(q, _hadamard(had_ptr, D), tl.float32)
-    if Q_FIX:  # int8 keys: the query in 15-bit fixed point, as in every backend
+    if Q_FIX:  # integer keys (int8, int4): the query in 15-bit fixed point, as in every backend
         q = _round_query(q)
 
     last = ctx - nq + tl.minimum(nq, (mt + 1) * BLOCK_M)  # keys this tile needs: first..last-1

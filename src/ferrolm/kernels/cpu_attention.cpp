@@ -106,11 +106,24 @@ void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, fl
   }
 }
 
-// Ask for a tile's bytes ahead of use: consecutive tiles sit in scattered blocks, which
-// the hardware prefetcher cannot guess. One tile ahead left the kernel stalled on loads
-// (perf: most samples on the first use of a loaded K/V vector, ~11 GB/s for fp16); the
-// requests go PREFETCH_TILES ahead, into L2, where more misses can be outstanding.
+// Ask for a tile's bytes ahead of use (the general path, several queries per tile):
+// consecutive tiles sit in scattered blocks, which the hardware prefetcher cannot guess.
+// The requests go PREFETCH_TILES ahead, into L2, where more misses can be outstanding.
 constexpr int64_t PREFETCH_TILES = 4;
+inline void prefetch_bytes(const char* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+}
+// The decode path asks for one key's K and V rows PF_KEYS keys (whole blocks) ahead as it
+// uses this key's value row: a line or two per key, spread over the loop. Its loops do ~16+
+// vector ops per 64-byte line, and at that density this VM's hardware prefetcher falls
+// behind (a C++ stream loop with 16 FMAs per line: 12 ns per line alone, 6.4 with such
+// prefetches, 6.1 from L2); a tile's lines asked for at once, 4 or 16 tiles ahead
+// (prefetch_tile), changed nothing. int8 at 16 x 2,048 from memory: 1,090 -> 800 us.
+constexpr int64_t PF_KEYS = 128;
+inline void prefetch_key(const char* k, const char* v, int64_t row, int64_t krow, int64_t vrow) {
+  prefetch_bytes(k + row * krow, krow);
+  prefetch_bytes(v + row * vrow, vrow);
+}
 inline void prefetch_tile(const Half& h, int64_t head, int64_t slot, int n, int D) {
   const int64_t dd = h.fmt == LUT4 || h.fmt == PC4 ? D / 2 : D;
   const char* p = reinterpret_cast<const char*>(h.data + (head * h.slots + slot) * dd * h.elem);
@@ -584,14 +597,24 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       if constexpr (i4_dots) fq4[r] = fixed_query4<NC>(q + tok0 * H * D + (head * R + r) * D, K.gsize);
     }
 
-  // (block, tile within it) of the next chunk and of the tile to prefetch, advanced as
-  // tiles are consumed (no division per tile)
+  // (block, tile within it) of the next chunk, advanced as tiles are consumed (no division
+  // per tile); rows are prefetched from the block pf_ahead blocks on (>= PF_KEYS keys ahead)
   int64_t bi = t_begin / tiles_per_block, ti = t_begin % tiles_per_block;
+  const int64_t pf_ahead = std::max<int64_t>(1, PF_KEYS / bs);
+  // The first pf_ahead blocks have no key that far before them: their tiles are asked for
+  // PREFETCH_TILES ahead, as the general path does (pbi, pti: that tile).
+  const int64_t pf_cover = bi + pf_ahead;
   int64_t pbi = (t_begin + PREFETCH_TILES) / tiles_per_block, pti = (t_begin + PREFETCH_TILES) % tiles_per_block;
   for (int64_t t = t_begin; t < t_end;) {
     if (bi * bs + ti * TILE > pos) break;
     const int nt = (int)std::min<int64_t>({(int64_t)CHUNK, tiles_per_block - ti, t_end - t});
     const int64_t block_slot = (int64_t)tables[b * nblk + bi] * bs;
+    const int64_t pf_rows = std::clamp<int64_t>(pos + 1 - (bi + pf_ahead) * bs, 0, bs);  // its keys <= pos
+    const bool pf_next = pf_rows > 0;
+    const int64_t pf_slot = pf_next ? (int64_t)tables[b * nblk + bi + pf_ahead] * bs : block_slot;
+    const int64_t krow = kdd * K.elem, vrow = vdd * V.elem;
+    const char* kpf = reinterpret_cast<const char*>(K.data) + (head * K.slots + pf_slot) * krow;
+    const char* vpf = reinterpret_cast<const char*>(V.data) + (head * V.slots + pf_slot) * vrow;
     v16 sc[R][CHUNK], vm[CHUNK], vg[CHUNK][VG];
     int ns[CHUNK];
     int used = 0;  // tiles of the chunk holding keys at or before pos
@@ -600,7 +623,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       const int off = (int)((ti + u) * TILE);
       const int64_t key0 = bi * bs + off;
       if (key0 > pos) break;
-      if (t + u + PREFETCH_TILES < t_end && pbi * bs + pti * TILE <= pos) {
+      if (pbi < pf_cover && t + u + PREFETCH_TILES < t_end && pbi * bs + pti * TILE <= pos) {
         const int64_t nslot = (int64_t)tables[b * nblk + pbi] * bs + pti * TILE;
         prefetch_tile(K, head, nslot, TILE, D);
         prefetch_tile(V, head, nslot, TILE, D);
@@ -640,6 +663,11 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         sc[r][u] = s;
       }
       vm[u] = token_scales(V, head, slot, n);
+      if (off < pf_rows) {  // the tile's scales pf_ahead blocks on (a line or two)
+        const int64_t ps = pf_slot + off;
+        if (K.scale) prefetch_bytes(reinterpret_cast<const char*>(K.scale + (head * K.slots + ps) * K.groups), 2 * TILE * K.groups);
+        if (V.scale) prefetch_bytes(reinterpret_cast<const char*>(V.scale + (head * V.slots + ps) * V.groups), 2 * TILE * V.groups);
+      }
       if (v_fold) group_scales(V.scale + (head * V.slots + slot) * V.groups, n, (int)V.groups, vg[u]);
       ns[u] = n;
       ++used;
@@ -680,6 +708,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       if (v_fold) {
         if constexpr (v_fold_code)
           for (int j = 0; j < ns[u]; ++j) {
+            if ((ti + u) * TILE + j < pf_rows) prefetch_key(kpf, vpf, (ti + u) * TILE + j, krow, vrow);
             v16 vc[NC];
             lut_codes<NC>(V, vbase + j * vdd, vc);
             for (int r = 0; r < R; ++r)
@@ -692,6 +721,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         continue;
       }
       for (int j = 0; j < ns[u]; ++j) {
+        if ((ti + u) * TILE + j < pf_rows) prefetch_key(kpf, vpf, (ti + u) * TILE + j, krow, vrow);
         v16 vc[NC];
         load_as<NC, VF>(V, vbase + j * vdd * V.elem, vgs ? vgs + j * V.groups : nullptr, vc);
         for (int r = 0; r < R; ++r) {

@@ -265,7 +265,10 @@ __attribute__((always_inline)) inline void load_fmt(const Half& h, const uint8_t
   } else if constexpr (F == I8) {
     for (int c = 0; c < NC; ++c) x[c] = from_i8(row + 16 * c);
   } else if constexpr (F == E4M3) {
-    for (int c = 0; c < NC; ++c) x[c] = from_e4m3(row + 16 * c);
+    if constexpr (NC % 2 == 0)
+      for (int c = 0; c < NC; c += 2) from_e4m3_x2(row + 16 * c, x[c], x[c + 1]);
+    else
+      for (int c = 0; c < NC; ++c) x[c] = from_e4m3(row + 16 * c);
   } else if constexpr (F == E5M2) {
     for (int c = 0; c < NC; ++c) x[c] = from_e5m2(row + 16 * c);
   } else {  // LUT4, NC even

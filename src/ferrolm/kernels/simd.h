@@ -259,6 +259,18 @@ inline v16 from_e4m3(const void* p) {
   x &= (int16_t)-0x4001;
   return f16_bits_to_f32(x);
 }
+// 32 E4M3 bytes -> two vectors (one widening, shift and mask for both halves).
+inline void from_e4m3_x2(const void* p, v16& lo, v16& hi) {
+#if defined(__AVX512BW__)
+  __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  x = _mm512_and_si512(_mm512_slli_epi16(x, 7), _mm512_set1_epi16(-0x4001));
+  lo = bits<v16>(_mm512_cvtph_ps(_mm512_castsi512_si256(x)));
+  hi = bits<v16>(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1)));
+#else
+  lo = from_e4m3(p);
+  hi = from_e4m3(static_cast<const char*>(p) + 16);
+#endif
+}
 // E5M2 is the high byte of fp16.
 inline v16 from_e5m2(const void* p) {
 #if defined(__AVX2__)

@@ -116,8 +116,8 @@ inline void prefetch_bytes(const char* p, int64_t bytes) {
 // The decode path asks for one key's K and V rows PF_KEYS keys (whole blocks) ahead as it
 // uses this key's value row: a line or two per key, spread over the loop. Its loops do ~16+
 // vector ops per 64-byte line, and at that density this VM's hardware prefetcher falls
-// behind (a C++ stream loop with 16 FMAs per line: 12 ns per line alone, 6.4 with such
-// prefetches, 6.1 from L2); a tile's lines asked for at once, 4 or 16 tiles ahead
+// behind (bench/stream_prefetch.cpp, 16 FMAs per line: 8.1 ns per line alone, 3.5 with such
+// prefetches, 3.3 in L2); a tile's lines asked for at once, 4 or 16 tiles ahead
 // (prefetch_tile), changed nothing. int8 at 16 x 2,048 from memory: 1,090 -> 800 us.
 constexpr int64_t PF_KEYS = 128;
 inline void prefetch_key(const char* k, const char* v, int64_t row, int64_t krow, int64_t vrow) {

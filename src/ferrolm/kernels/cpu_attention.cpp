@@ -110,8 +110,9 @@ void convert(const Half& h, int64_t head, int64_t slot, int n, int D, int bs, fl
 // consecutive tiles sit in scattered blocks, which the hardware prefetcher cannot guess.
 // The requests go PREFETCH_TILES ahead, into L2, where more misses can be outstanding.
 constexpr int64_t PREFETCH_TILES = 4;
+template <_mm_hint HINT = _MM_HINT_T0>
 inline void prefetch_bytes(const char* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, HINT);
 }
 // The decode path asks for one key's K and V rows PF_KEYS keys (whole blocks) ahead as it
 // uses this key's value row: a line or two per key, spread over the loop. Its loops do ~16+
@@ -127,8 +128,7 @@ inline void prefetch_key(const char* k, const char* v, int64_t row, int64_t krow
 inline void prefetch_tile(const Half& h, int64_t head, int64_t slot, int n, int D) {
   const int64_t dd = h.fmt == LUT4 || h.fmt == PC4 ? D / 2 : D;
   const char* p = reinterpret_cast<const char*>(h.data + (head * h.slots + slot) * dd * h.elem);
-  const int64_t bytes = n * dd * h.elem;
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  prefetch_bytes<_MM_HINT_T1>(p, n * dd * h.elem);
   if (h.scale && h.fmt != PC4) _mm_prefetch(reinterpret_cast<const char*>(h.scale + (head * h.slots + slot) * h.groups), _MM_HINT_T1);
 }
 
@@ -607,15 +607,14 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   // The first pf_ahead blocks have no key that far before them: their tiles are asked for
   // PREFETCH_TILES ahead, as the general path does (pbi, pti: that tile).
   const int64_t pf_cover = bi + pf_ahead;
+  const int64_t krow = kdd * K.elem, vrow = vdd * V.elem;  // bytes per key row
   int64_t pbi = (t_begin + PREFETCH_TILES) / tiles_per_block, pti = (t_begin + PREFETCH_TILES) % tiles_per_block;
   for (int64_t t = t_begin; t < t_end;) {
     if (bi * bs + ti * TILE > pos) break;
     const int nt = (int)std::min<int64_t>({(int64_t)CHUNK, tiles_per_block - ti, t_end - t});
     const int64_t block_slot = (int64_t)tables[b * nblk + bi] * bs;
     const int64_t pf_rows = std::clamp<int64_t>(pos + 1 - (bi + pf_ahead) * bs, 0, bs);  // its keys <= pos
-    const bool pf_next = pf_rows > 0;
-    const int64_t pf_slot = pf_next ? (int64_t)tables[b * nblk + bi + pf_ahead] * bs : block_slot;
-    const int64_t krow = kdd * K.elem, vrow = vdd * V.elem;
+    const int64_t pf_slot = pf_rows > 0 ? (int64_t)tables[b * nblk + bi + pf_ahead] * bs : block_slot;
     const char* kpf = reinterpret_cast<const char*>(K.data) + (head * K.slots + pf_slot) * krow;
     const char* vpf = reinterpret_cast<const char*>(V.data) + (head * V.slots + pf_slot) * vrow;
     v16 sc[R][CHUNK], vm[CHUNK], vg[CHUNK][VG];
@@ -634,7 +633,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       if (++pti == tiles_per_block) pti = 0, ++pbi;
       const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
       const int64_t slot = block_slot + off;
-      const uint8_t* kbase = K.data + (head * K.slots + slot) * kdd * K.elem;
+      const uint8_t* kbase = K.data + (head * K.slots + slot) * krow;
       const c10::Half* kgs = k_lut ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
       v16 raw[R];  // q . k of the tile's keys, per head, before the per-token scales
       if (int_dots) {
@@ -646,7 +645,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         v16 part_dot[R][TILE];
         for (int j = 0; j < n; ++j) {
           v16 kc[NC];
-          load_as<NC, KF>(K, kbase + j * kdd * K.elem, kgs ? kgs + j * K.groups : nullptr, kc);
+          load_as<NC, KF>(K, kbase + j * krow, kgs ? kgs + j * K.groups : nullptr, kc);
           for (int r = 0; r < R; ++r) {
             v16 d = qv[r][0] * kc[0];
             for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
@@ -706,7 +705,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       for (int c = 0; c < NC; ++c) a[r][c] = acc[r][c] * corr[r];
     for (int u = 0; u < used; ++u) {
       const int64_t slot = block_slot + (ti + u) * TILE;
-      const uint8_t* vbase = V.data + (head * V.slots + slot) * vdd * V.elem;
+      const uint8_t* vbase = V.data + (head * V.slots + slot) * vrow;
       const c10::Half* vgs = v_lut ? V.scale + (head * V.slots + slot) * V.groups : nullptr;
       if (v_fold) {
         if constexpr (v_fold_code)
@@ -726,7 +725,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       for (int j = 0; j < ns[u]; ++j) {
         if ((ti + u) * TILE + j < pf_rows) prefetch_key(kpf, vpf, (ti + u) * TILE + j, krow, vrow);
         v16 vc[NC];
-        load_as<NC, VF>(V, vbase + j * vdd * V.elem, vgs ? vgs + j * V.groups : nullptr, vc);
+        load_as<NC, VF>(V, vbase + j * vrow, vgs ? vgs + j * V.groups : nullptr, vc);
         for (int r = 0; r < R; ++r) {
           const float pj = p[r][0][u * TILE + j];
           for (int c = 0; c < NC; ++c) a[r][c] += pj * vc[c];

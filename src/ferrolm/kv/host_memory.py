@@ -17,6 +17,7 @@ refused or ignored and the tensor is an ordinary zeroed one: same values, small 
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 
 import torch
@@ -37,10 +38,7 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
     large frees glibc serves big requests from its heap, whose pages are touched already
     and would keep their small pages. The tensor holds the mapping; it is unmapped with
     the tensor's last view."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not huge_pages_possible():
         return torch.zeros(shape, dtype=dtype, device=device)
     m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

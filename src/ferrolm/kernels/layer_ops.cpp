@@ -14,6 +14,34 @@ inline float load_as_float(const at::Tensor& t, int64_t i) {
   }
 }
 
+// row[c] += delta[c] (delta fp32 or bf16).
+template <class S>
+inline void add_row(float* row, const S* delta, int64_t H) {
+  int64_t c = 0;
+  for (; c + 16 <= H; c += 16) store16(row + c, load16(row + c) + load_f32(delta + c));
+  for (; c < H; ++c) row[c] += float(delta[c]);
+}
+
+inline float sum_squares(const float* row, int64_t H) {
+  v16 acc{};
+  int64_t c = 0;
+  for (; c + 16 <= H; c += 16) {
+    const v16 v = load16(row + c);
+    acc += v * v;
+  }
+  float ss = hsum(acc);
+  for (; c < H; ++c) ss += row[c] * row[c];
+  return ss;
+}
+
+// out[c] = w[c] * (row[c] * r) in S (bf16 rounded to nearest even, as torch's conversion).
+template <class S>
+inline void scale_row(const float* row, const float* w, float r, S* out, int64_t H) {
+  int64_t c = 0;
+  for (; c + 16 <= H; c += 16) store_f32(out + c, load16(w + c) * (load16(row + c) * r));
+  for (; c < H; ++c) out[c] = S(w[c] * (row[c] * r));
+}
+
 // x (fp32 residual [T, H]) += delta (any float dtype) in place, then
 // weight * x * rsqrt(mean(x^2) + eps) in out's dtype (bf16 or fp32).
 at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps,
@@ -29,28 +57,22 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, co
   at::Tensor out = at::empty({T, H}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   float* xp = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
+  // 16 lanes at a time (the sum of squares in 16 partial sums; the reference's own order
+  // differs from both, all within fp32 rounding); rows split over threads from 32 up.
   at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       float* row = xp + t * H;
       if (d.defined()) {
-        if (d.scalar_type() == at::kFloat) {
-          const float* dr = d.data_ptr<float>() + t * H;
-          for (int64_t c = 0; c < H; ++c) row[c] += dr[c];
-        } else {
-          const c10::BFloat16* dr = d.data_ptr<c10::BFloat16>() + t * H;
-          for (int64_t c = 0; c < H; ++c) row[c] += float(dr[c]);
-        }
+        if (d.scalar_type() == at::kFloat)
+          add_row(row, d.data_ptr<float>() + t * H, H);
+        else
+          add_row(row, d.data_ptr<c10::BFloat16>() + t * H, H);
       }
-      float ss = 0;
-      for (int64_t c = 0; c < H; ++c) ss += row[c] * row[c];
-      const float r = 1.0f / std::sqrt(ss / float(H) + float(eps));
-      if (bf16_out) {
-        c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + t * H;
-        for (int64_t c = 0; c < H; ++c) o[c] = c10::BFloat16(w[c] * (row[c] * r));
-      } else {
-        float* o = out.data_ptr<float>() + t * H;
-        for (int64_t c = 0; c < H; ++c) o[c] = w[c] * (row[c] * r);
-      }
+      const float r = 1.0f / std::sqrt(sum_squares(row, H) / float(H) + float(eps));
+      if (bf16_out)
+        scale_row(row, w, r, out.data_ptr<c10::BFloat16>() + t * H, H);
+      else
+        scale_row(row, w, r, out.data_ptr<float>() + t * H, H);
     }
   });
   return out;

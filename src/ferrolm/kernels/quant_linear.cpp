@@ -252,12 +252,18 @@ struct alignas(64) TileConfig {
 };
 
 // Every kernel here uses eight full tiles (16 rows x 64 bytes); once per worker thread.
+// The configuration is a static object: built on the stack, gcc may drop the stores of its
+// rows and columns as dead (it does not see _tile_loadconfig read them): called out of line,
+// the function loaded a half-zeroed configuration and ldtilecfg faulted.
 inline void load_full_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = 16;
+    }
+    return c;
+  }();
   _tile_loadconfig(&cfg);
 }
 

@@ -201,6 +201,9 @@ inline void fwht(float* x, int64_t n) {
 struct Item {
   int32_t seq, head, q0, nq, split;
   int64_t window;  // > 0: a query at p sees keys p - window + 1 .. p (sliding window)
+  // The item its thread runs next (seq -1: none known): the decode path's last blocks ask
+  // for that item's first rows, as its earlier blocks ask for their own later ones.
+  int32_t next_seq = -1, next_head = 0, next_q0 = 0;
 };
 
 // The tiles an item walks: from the tile holding the first key its first query (at
@@ -607,16 +610,23 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   // The first pf_ahead blocks have no key that far before them: their tiles are asked for
   // PREFETCH_TILES ahead, as the general path does (pbi, pti: that tile).
   const int64_t pf_cover = bi + pf_ahead;
+  const int64_t blocks = (t_end + tiles_per_block - 1) / tiles_per_block;  // this item's last block + 1
   const int64_t krow = kdd * K.elem, vrow = vdd * V.elem;  // bytes per key row
   int64_t pbi = (t_begin + PREFETCH_TILES) / tiles_per_block, pti = (t_begin + PREFETCH_TILES) % tiles_per_block;
   for (int64_t t = t_begin; t < t_end;) {
     if (bi * bs + ti * TILE > pos) break;
     const int nt = (int)std::min<int64_t>({(int64_t)CHUNK, tiles_per_block - ti, t_end - t});
     const int64_t block_slot = (int64_t)tables[b * nblk + bi] * bs;
-    const int64_t pf_rows = std::clamp<int64_t>(pos + 1 - (bi + pf_ahead) * bs, 0, bs);  // its keys <= pos
-    const int64_t pf_slot = pf_rows > 0 ? (int64_t)tables[b * nblk + bi + pf_ahead] * bs : block_slot;
-    const char* kpf = reinterpret_cast<const char*>(K.data) + (head * K.slots + pf_slot) * krow;
-    const char* vpf = reinterpret_cast<const char*>(V.data) + (head * V.slots + pf_slot) * vrow;
+    int64_t pf_rows = std::clamp<int64_t>(pos + 1 - (bi + pf_ahead) * bs, 0, bs);  // its keys <= pos
+    int64_t pf_slot = pf_rows > 0 ? (int64_t)tables[b * nblk + bi + pf_ahead] * bs : block_slot, pf_head = head;
+    if (pf_rows == 0 && it.next_seq >= 0 && bi + pf_ahead >= blocks) {  // past the end: the next item's
+      const int64_t nb2 = bi + pf_ahead - blocks, b2 = it.next_seq;
+      const int64_t pos2 = ctx_len[b2] - (q_start[b2 + 1] - q_start[b2]) + it.next_q0;
+      pf_rows = std::clamp<int64_t>(pos2 + 1 - nb2 * bs, 0, bs);
+      if (pf_rows > 0) pf_slot = (int64_t)tables[b2 * nblk + nb2] * bs, pf_head = it.next_head;
+    }
+    const char* kpf = reinterpret_cast<const char*>(K.data) + (pf_head * K.slots + pf_slot) * krow;
+    const char* vpf = reinterpret_cast<const char*>(V.data) + (pf_head * V.slots + pf_slot) * vrow;
     v16 sc[R][CHUNK], vm[CHUNK], vg[CHUNK][VG];
     int ns[CHUNK];
     int used = 0;  // tiles of the chunk holding keys at or before pos
@@ -667,8 +677,8 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       vm[u] = token_scales(V, head, slot, n);
       if (off < pf_rows) {  // the tile's scales pf_ahead blocks on (a line or two)
         const int64_t ps = pf_slot + off;
-        if (K.scale) prefetch_bytes(reinterpret_cast<const char*>(K.scale + (head * K.slots + ps) * K.groups), 2 * TILE * K.groups);
-        if (V.scale) prefetch_bytes(reinterpret_cast<const char*>(V.scale + (head * V.slots + ps) * V.groups), 2 * TILE * V.groups);
+        if (K.scale) prefetch_bytes(reinterpret_cast<const char*>(K.scale + (pf_head * K.slots + ps) * K.groups), 2 * TILE * K.groups);
+        if (V.scale) prefetch_bytes(reinterpret_cast<const char*>(V.scale + (pf_head * V.slots + ps) * V.groups), 2 * TILE * V.groups);
       }
       if (v_fold) group_scales(V.scale + (head * V.slots + slot) * V.groups, n, (int)V.groups, vg[u]);
       ns[u] = n;
@@ -1024,11 +1034,18 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
     // Items from a shared counter, not fixed halves: items of equal size still take unequal
     // time from memory (fp8 at 16 x 2048: one thread idled ~13% of the step at the barrier).
     // Each item writes its own rows, so the result does not depend on which thread ran it.
+    // A worker claims its next item before it runs the current one, whose last blocks then
+    // prefetch the next one's first rows (run_decode).
     std::atomic<int64_t> next{0};
     const int64_t n_items = (int64_t)items.size();
     at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
-      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;)
-        run_item(items[i], 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_items;) {
+        const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
+        Item it = items[i];
+        if (j < n_items) it.next_seq = items[j].seq, it.next_head = items[j].head, it.next_q0 = items[j].q0;
+        run_item(it, 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
+        i = j;
+      }
     });
     return rotate_rows(out, D, rot_out).to(q_in.scalar_type());
   }

@@ -213,23 +213,39 @@ def _run_ferrolm(cfg: BenchConfig, kv: str, text: str, say, results, grid, prefi
         say(f"ferrolm kv={kv} concurrency={c}")
         row = _repeat(cfg, lambda n, c=c: run_engine_once(engine, prompts[:c], n))
         results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **row})
-    if cfg.context_lens and cfg.decode_concurrency:
-        say(f"ferrolm kv={kv} decode grid")
-        for row in decode_grid(
-            lambda p, n: decode_step_time(engine, p, n),
-            engine.tokenizer,
-            text,
-            cfg.decode_concurrency,
-            cfg.context_lens,
-            cfg.decode_steps,
-        ):
-            grid.append({"engine": "ferrolm", "kv_dtype": kv, **row})
     for n in cfg.prefill_lens:
         say(f"ferrolm kv={kv} prefill {n}")
         prompt = prompts_from_text(engine.tokenizer, text, 1, n)
         once = lambda p=prompt: run_engine_once(engine, p, 1)["ttft_s"]  # noqa: E731
         prefill.append(_prefill_row(cfg, "ferrolm", kv, n, once))
     return engine.tokenizer, (hf_model_like(engine), prompts) if want_hf else None
+
+
+def _ferrolm_grid(cfg: BenchConfig, text: str, say) -> list[dict]:
+    """ferrolm's decode grid point by point, every KV spec at a point back to back (a fresh
+    engine each, one alive at a time), so that a point's ratios to fp16 compare steps taken
+    within a minute or two, not one spec's whole run against another's (this VM drifts by
+    10-20% over minutes). Rows in spec order, as the other measurements."""
+    rows = []
+    for c in cfg.decode_concurrency:
+        for n in cfg.context_lens:
+            for kv in cfg.kv_dtypes:
+                say(f"ferrolm kv={kv} decode {c} x {n}")
+                engine = _ferrolm_engine(cfg, kv)
+                prompts = prompts_from_text(engine.tokenizer, text, c, n)
+                step = decode_step_time(engine, prompts, cfg.decode_steps)
+                rows.append(
+                    {
+                        "engine": "ferrolm",
+                        "kv_dtype": kv,
+                        "concurrency": c,
+                        "context": n,
+                        "step_s": step,
+                        "tokens_per_s": c / step,
+                    }
+                )
+                del engine
+    return sorted(rows, key=lambda r: cfg.kv_dtypes.index(r["kv_dtype"]))
 
 
 def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | None = None) -> dict:
@@ -240,6 +256,8 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
         want_hf = "hf" in cfg.baselines and hf is None
         tokenizer, twin = _run_ferrolm(cfg, kv, text, say, results, grid, prefill, want_hf)
         hf = hf or twin
+    if cfg.context_lens and cfg.decode_concurrency:
+        grid.extend(_ferrolm_grid(cfg, text, say))
     if hf is not None:
         model, prompts = hf
         for c in cfg.concurrency:

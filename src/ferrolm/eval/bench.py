@@ -205,20 +205,39 @@ def _run_llamacpp(cfg, text, tokenizer, prompts, say, results, grid, prefill) ->
             llm.close()
 
 
-def _run_ferrolm(cfg: BenchConfig, kv: str, text: str, say, results, grid, prefill, want_hf: bool):
-    """Every measurement of one KV spec; returns the tokenizer and, when asked, the HF twin."""
+def _run_ferrolm(cfg: BenchConfig, kv: str, text: str, say, prefill, want_hf: bool):
+    """One KV spec's prefill rows; returns the tokenizer and, when asked, the HF twin."""
     engine = _ferrolm_engine(cfg, kv)
     prompts = prompts_from_text(engine.tokenizer, text, max(cfg.concurrency), cfg.prompt_len)
-    for c in cfg.concurrency:
-        say(f"ferrolm kv={kv} concurrency={c}")
-        row = _repeat(cfg, lambda n, c=c: run_engine_once(engine, prompts[:c], n))
-        results.append({"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **row})
     for n in cfg.prefill_lens:
         say(f"ferrolm kv={kv} prefill {n}")
         prompt = prompts_from_text(engine.tokenizer, text, 1, n)
         once = lambda p=prompt: run_engine_once(engine, p, 1)["ttft_s"]  # noqa: E731
         prefill.append(_prefill_row(cfg, "ferrolm", kv, n, once))
     return engine.tokenizer, (hf_model_like(engine), prompts) if want_hf else None
+
+
+def _ferrolm_runs(cfg: BenchConfig, text: str, say) -> list[dict]:
+    """Latency and throughput rows, the KV specs taking turns: each repeat runs every spec
+    once (a fresh engine each, one alive at a time, after a short warm-up run), so that
+    every spec's median draws on the same stretch of time."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    prompts = None  # the peers' prompts: the first c of them at concurrency c
+    for c in cfg.concurrency:
+        for r in range(cfg.repeats):
+            for kv in cfg.kv_dtypes:
+                say(f"ferrolm kv={kv} concurrency={c} ({r + 1}/{cfg.repeats})")
+                engine = _ferrolm_engine(cfg, kv)
+                if prompts is None:
+                    prompts = prompts_from_text(engine.tokenizer, text, max(cfg.concurrency), cfg.prompt_len)
+                run_engine_once(engine, prompts[:c], min(cfg.output_len, 4))
+                runs.setdefault((kv, c), []).append(run_engine_once(engine, prompts[:c], cfg.output_len))
+                del engine
+    return [
+        {"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, **_summarise(runs[(kv, c)])}
+        for kv in cfg.kv_dtypes
+        for c in cfg.concurrency
+    ]
 
 
 def _ferrolm_grid(cfg: BenchConfig, text: str, say) -> list[dict]:
@@ -252,9 +271,10 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
     say = progress or (lambda _: None)
     results, grid, prefill = [], [], []
     hf = tokenizer = None
+    results.extend(_ferrolm_runs(cfg, text, say))
     for kv in cfg.kv_dtypes:
         want_hf = "hf" in cfg.baselines and hf is None
-        tokenizer, twin = _run_ferrolm(cfg, kv, text, say, results, grid, prefill, want_hf)
+        tokenizer, twin = _run_ferrolm(cfg, kv, text, say, prefill, want_hf)
         hf = hf or twin
     if cfg.context_lens and cfg.decode_concurrency:
         grid.extend(_ferrolm_grid(cfg, text, say))

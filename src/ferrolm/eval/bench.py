@@ -251,19 +251,10 @@ def _ferrolm_grid(cfg: BenchConfig, text: str, say) -> list[dict]:
             for kv in cfg.kv_dtypes:
                 say(f"ferrolm kv={kv} decode {c} x {n}")
                 engine = _ferrolm_engine(cfg, kv)
-                prompts = prompts_from_text(engine.tokenizer, text, c, n)
-                step = decode_step_time(engine, prompts, cfg.decode_steps)
-                rows.append(
-                    {
-                        "engine": "ferrolm",
-                        "kv_dtype": kv,
-                        "concurrency": c,
-                        "context": n,
-                        "step_s": step,
-                        "tokens_per_s": c / step,
-                    }
-                )
-                del engine
+                step = lambda p, k, e=engine: decode_step_time(e, p, k)  # noqa: E731
+                for row in decode_grid(step, engine.tokenizer, text, [c], [n], cfg.decode_steps):
+                    rows.append({"engine": "ferrolm", "kv_dtype": kv, **row})
+                del engine, step
     return sorted(rows, key=lambda r: cfg.kv_dtypes.index(r["kv_dtype"]))
 
 

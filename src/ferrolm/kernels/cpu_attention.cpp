@@ -201,9 +201,9 @@ inline void fwht(float* x, int64_t n) {
 struct Item {
   int32_t seq, head, q0, nq, split;
   int64_t window;  // > 0: a query at p sees keys p - window + 1 .. p (sliding window)
-  // The item its thread runs next (seq -1: none known): the decode path's last blocks ask
-  // for that item's first rows, as its earlier blocks ask for their own later ones.
-  int32_t next_seq = -1, next_head = 0, next_q0 = 0;
+  // The item its thread runs next (none: not known): the decode path's last blocks ask for
+  // that item's first rows, as its earlier blocks ask for their own later ones.
+  const Item* next = nullptr;
 };
 
 // The tiles an item walks: from the tile holding the first key its first query (at
@@ -619,11 +619,11 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     const int64_t block_slot = (int64_t)tables[b * nblk + bi] * bs;
     int64_t pf_rows = std::clamp<int64_t>(pos + 1 - (bi + pf_ahead) * bs, 0, bs);  // its keys <= pos
     int64_t pf_slot = pf_rows > 0 ? (int64_t)tables[b * nblk + bi + pf_ahead] * bs : block_slot, pf_head = head;
-    if (pf_rows == 0 && it.next_seq >= 0 && bi + pf_ahead >= blocks) {  // past the end: the next item's
-      const int64_t nb2 = bi + pf_ahead - blocks, b2 = it.next_seq;
-      const int64_t pos2 = ctx_len[b2] - (q_start[b2 + 1] - q_start[b2]) + it.next_q0;
+    if (pf_rows == 0 && it.next && bi + pf_ahead >= blocks) {  // past the end: the next item's
+      const int64_t nb2 = bi + pf_ahead - blocks, b2 = it.next->seq;
+      const int64_t pos2 = ctx_len[b2] - (q_start[b2 + 1] - q_start[b2]) + it.next->q0;
       pf_rows = std::clamp<int64_t>(pos2 + 1 - nb2 * bs, 0, bs);
-      if (pf_rows > 0) pf_slot = (int64_t)tables[b2 * nblk + nb2] * bs, pf_head = it.next_head;
+      if (pf_rows > 0) pf_slot = (int64_t)tables[b2 * nblk + nb2] * bs, pf_head = it.next->head;
     }
     const char* kpf = reinterpret_cast<const char*>(K.data) + (pf_head * K.slots + pf_slot) * krow;
     const char* vpf = reinterpret_cast<const char*>(V.data) + (pf_head * V.slots + pf_slot) * vrow;
@@ -1042,7 +1042,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
       for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_items;) {
         const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
         Item it = items[i];
-        if (j < n_items) it.next_seq = items[j].seq, it.next_head = items[j].head, it.next_q0 = items[j].q0;
+        if (j < n_items) it.next = &items[j];
         run_item(it, 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
         i = j;
       }

@@ -6,14 +6,6 @@
 
 namespace {
 
-inline float load_as_float(const at::Tensor& t, int64_t i) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return t.data_ptr<float>()[i];
-    case at::kBFloat16: return float(t.data_ptr<c10::BFloat16>()[i]);
-    default: return float(t.data_ptr<c10::Half>()[i]);
-  }
-}
-
 // row[c] += delta[c] (delta fp32 or bf16).
 template <class S>
 inline void add_row(float* row, const S* delta, int64_t H) {
@@ -58,7 +50,7 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, co
   float* xp = x.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   // 16 lanes at a time (the sum of squares in 16 partial sums; the reference's own order
-  // differs from both, all within fp32 rounding); rows split over threads from 32 up.
+  // differs from both, all within fp32 rounding); rows split over threads above 16.
   at::parallel_for(0, T, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       float* row = xp + t * H;

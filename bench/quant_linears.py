@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16, help="batch rows (concurrent sequences in a decode step)")
     ap.add_argument("--seconds", type=float, default=4.0, help="time each part this long")
     args = ap.parse_args()
+    if args.rows < 1 or args.seconds <= 0:
+        ap.error("--rows must be at least 1 and --seconds positive")
     if not build.load():
         raise SystemExit("the compiled kernels are not available here")
     g = torch.Generator().manual_seed(0)

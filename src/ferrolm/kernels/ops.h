@@ -3,7 +3,13 @@
 // too; the definitions forward to the kernels in their own translation units.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
+#include <torch/library.h>
 
 namespace ferrolm {
 

@@ -4,17 +4,10 @@
 // whatever the machine has.
 #pragma once
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/mm.h>
-#include <ATen/ops/sub.h>
-#include <c10/util/BFloat16.h>
+#include <c10/util/BFloat16.h>  // the scalar types only: the decode path's files parse no ATen
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <immintrin.h>
 

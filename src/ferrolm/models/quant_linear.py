@@ -3,7 +3,7 @@
 A Q4_1 block of 32 weights is (d, m, 32 codes q in 0..15) with w = d q + m; Q4_0 is
 w = d (q - 8), i.e. m = -8 d. Both are held as codes packed two per byte, plus fp16 d
 and m per block (0.5625-0.625 bytes per weight instead of 4), and multiplied by the
-compiled kernel (kernels/cpu_attention.cpp: q4_linear), which dequantizes exactly as
+compiled kernel (kernels/quant_linear.cpp: q4_linear), which dequantizes exactly as
 GGUF does and accumulates in fp32 (a fused GEMV for up to 8 rows; above, dequantize
 into a reused matrix and the dense GEMM, because the CPU's own bf16 matmuls win there).
 Without the compiled kernels the layer dequantizes

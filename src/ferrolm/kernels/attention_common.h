@@ -125,7 +125,7 @@ template <int NC>
 __attribute__((always_inline)) inline void lut_codes(const Half& h, const uint8_t* row, v16* x) {
   for (int s = 0; s < NC / 2; ++s) {
     const i32x16 idx = bytes_to_i32(row + 16 * s);
-    x[2 * s] = lookup16(h.lut, idx & 15);
+    x[2 * s] = lookup16(h.lut, idx);  // the low nibble: lookup16 reads an index's low 4 bits
     x[2 * s + 1] = lookup16(h.lut, idx >> 4);
   }
 }

@@ -290,7 +290,8 @@ inline i32x16 nibbles(const uint8_t* p) {
   return __builtin_convertvector((u8x16)((d >> sh) & 15), i32x16);
 #endif
 }
-// A 16-entry table looked up at 16 indices (vpermps on AVX-512).
+// A 16-entry table looked up at 16 indices, each taken modulo 16: its low 4 bits (vpermps
+// on AVX-512; __builtin_shuffle reduces its mask modulo the length too).
 inline v16 lookup16(v16 table, i32x16 idx) {
 #if defined(__AVX512F__)
   return bits<v16>(_mm512_permutexvar_ps(bits<__m512i>(idx), bits<__m512>(table)));

@@ -52,6 +52,8 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
     assert set(grid) == {(d, c, n) for d in ("fp16", "int8/int4") for c in (1, 3) for n in (8, 16)}
     assert all(g["tokens_per_s"] > 0 and g["x_fp16"] > 0 for g in grid.values())
     assert grid[("fp16", 3, 16)]["x_fp16"] == 1.0
+    paired = grid[("int8/int4", 3, 16)]  # its ratio: fp16's steps taken in turns with its own
+    assert paired["x_fp16"] == paired["paired_fp16_step_s"] / paired["step_s"]
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -92,3 +94,54 @@ def test_bench_rejects_unknown_llamacpp_cache_types(monkeypatch):
     monkeypatch.setattr(lc, "available", lambda: None)
     res = CliRunner().invoke(app, ["bench", "--baseline", "llama.cpp", "--llamacpp-cache-types", "f16,q3"])
     assert res.exit_code != 0 and "'q3'" in res.output and "q8_0" in res.output, res.output
+
+
+def test_interleaved_runs_take_turns_with_an_untimed_step_each_turn():
+    from ferrolm.eval.bench import interleaved_step_times
+
+    log = []
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+        def steps(self, k):
+            log.append((self.name, k))
+            return [float(len(log))] * k
+
+    a, b = Run("a"), Run("b")
+    times = interleaved_step_times([a, b], steps=5, turn=2)
+    assert [len(t) for t in times] == [5, 5]
+    # each run once through its prefill, then turns: one untimed step and up to `turn` timed
+    assert log == [("a", 1), ("b", 1)] + [("a", 1), ("a", 2), ("b", 1), ("b", 2)] * 2 + [
+        ("a", 1),
+        ("a", 1),
+        ("b", 1),
+        ("b", 1),
+    ]
+
+
+def test_interleaved_runs_refuse_a_run_that_ended():
+    import pytest
+
+    from ferrolm.eval.bench import interleaved_step_times
+
+    class Ended:
+        def steps(self, k):
+            return []
+
+    with pytest.raises(RuntimeError, match="ended before"):
+        interleaved_step_times([Ended()], steps=3, turn=1)
+
+
+def test_decode_grid_without_fp16_or_with_fp16_alone(tiny_model_dir):
+    from ferrolm.eval.bench import BenchConfig, _ferrolm_grid
+
+    kw = dict(model=str(tiny_model_dir), context_lens=(8,), decode_concurrency=(2,), decode_steps=3)
+    kw |= dict(kv_cache_memory_gb=0.01, compute_dtype="float32")
+    for specs in (("int8",), ("fp16",)):
+        rows = _ferrolm_grid(
+            BenchConfig(kv_dtypes=specs, **kw), "one two three four five six seven " * 20, print
+        )
+        assert [r["kv_dtype"] for r in rows] == list(specs)
+        assert rows[0]["tokens_per_s"] > 0 and "paired_fp16_step_s" not in rows[0]

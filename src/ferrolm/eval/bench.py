@@ -80,29 +80,64 @@ def run_engine_once(engine: LLMEngine, prompts: list[list[int]], output_len: int
     }
 
 
+class DecodeRun:
+    """len(prompts) sequences decoding on one engine, stepped on demand (so that two engines'
+    steps can take turns): steps(k) returns the times of the next k steps in which every
+    sequence decodes (not the steps that still prefill some prompt, and none after one
+    finished); close() aborts the requests."""
+
+    def __init__(self, engine: LLMEngine, prompts: list[list[int]]):
+        self.engine, self.n = engine, len(prompts)
+        self.ids = [f"grid-{i}" for i in range(len(prompts))]
+        # No sequence may finish before the last one is prefilled (64 x 2048 prefills over
+        # hundreds of steps while the first ones decode): run to the model's length.
+        params = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len, ignore_eos=True)
+        for rid, p in zip(self.ids, prompts):
+            engine.add_request(rid, p, params)
+        self.prefilled: set[str] = set()
+
+    def steps(self, k: int) -> list[float]:
+        times: list[float] = []
+        while self.engine.has_unfinished() and len(times) < k:
+            all_decoding = len(self.prefilled) == self.n
+            t = time.perf_counter()
+            outs = self.engine.step()
+            dt = time.perf_counter() - t
+            if all_decoding and len(outs) == self.n and not any(o.finished for o in outs):
+                times.append(dt)
+            self.prefilled.update(o.request_id for o in outs)
+        return times
+
+    def close(self) -> None:
+        for rid in self.ids:
+            self.engine.abort(rid)
+
+
 def decode_step_time(engine: LLMEngine, prompts: list[list[int]], steps: int) -> float:
-    """Median seconds of one decode step of len(prompts) sequences: only steps in which every
-    sequence decodes count (not the steps that still prefill some prompt, and none after one
-    finished); the requests are aborted after `steps` such steps."""
-    ids = [f"grid-{i}" for i in range(len(prompts))]
-    # No sequence may finish before the last one is prefilled (64 x 2048 prefills over
-    # hundreds of steps while the first ones decode): run to the model's length, abort after.
-    params = SamplingParams(temperature=0.0, max_tokens=engine.max_model_len, ignore_eos=True)
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, params)
-    prefilled: set[str] = set()
-    times: list[float] = []
-    while engine.has_unfinished() and len(times) < steps:
-        all_decoding = len(prefilled) == len(prompts)
-        t = time.perf_counter()
-        outs = engine.step()
-        dt = time.perf_counter() - t
-        if all_decoding and len(outs) == len(prompts) and not any(o.finished for o in outs):
-            times.append(dt)
-        prefilled.update(o.request_id for o in outs)
-    for rid in ids:
-        engine.abort(rid)
-    return _median(times)
+    """Median seconds of one decode step of len(prompts) sequences (DecodeRun's steps)."""
+    run = DecodeRun(engine, prompts)
+    try:
+        return _median(run.steps(steps))
+    finally:
+        run.close()
+
+
+def interleaved_step_times(runs: list[DecodeRun], steps: int, turn: int) -> list[list[float]]:
+    """Each run's decode step times, the runs taking turns: every turn is one untimed step
+    (the engine's weights and cache back in the caches after the other's) and `turn` timed
+    ones, until each run has `steps`; so a slow minute of a noisy machine slows them alike."""
+    for r in runs:
+        r.steps(1)  # through the prefill: the first step in which all decode
+    times: list[list[float]] = [[] for _ in runs]
+    while any(len(t) < steps for t in times):
+        for r, t in zip(runs, times):
+            if len(t) < steps:
+                r.steps(1)
+                got = r.steps(min(turn, steps - len(t)))
+                if not got:
+                    raise RuntimeError("a decode run ended before its timed steps")
+                t.extend(got)
+    return times
 
 
 def decode_grid(step_time, tokenizer, text: str, concurrency, context_lens, steps: int) -> list[dict]:
@@ -241,20 +276,53 @@ def _ferrolm_runs(cfg: BenchConfig, text: str, say) -> list[dict]:
 
 
 def _ferrolm_grid(cfg: BenchConfig, text: str, say) -> list[dict]:
-    """ferrolm's decode grid point by point, every KV spec at a point back to back (a fresh
-    engine each, one alive at a time), so that a point's ratios to fp16 compare steps taken
-    within a minute or two, not one spec's whole run against another's (this VM drifts by
-    10-20% over minutes). Rows in spec order, as the other measurements."""
+    """ferrolm's decode grid point by point. At a point, each KV spec's steps take turns with
+    fp16's (two engines alive, `decode_steps` timed steps each, a few at a time:
+    interleaved_step_times), and its row keeps that fp16 median (paired_fp16_step_s), from
+    which its ratio to fp16 comes: this VM's speed moves by 20-50% within minutes, far more
+    than a format changes it, and steps taken seconds apart see the same machine. fp16's own
+    row: the median of all its steps at the point. Without fp16 in the specs, each runs
+    alone. Rows in spec order, as the other measurements."""
     rows = []
+    turn = max(1, cfg.decode_steps // 4)
     for c in cfg.decode_concurrency:
         for n in cfg.context_lens:
+            base = _ferrolm_engine(cfg, "fp16") if "fp16" in cfg.kv_dtypes else None
+            tokenizer = base.tokenizer if base else None
+            base_times: list[float] = []
             for kv in cfg.kv_dtypes:
-                say(f"ferrolm kv={kv} decode {c} x {n}")
+                if kv == "fp16":
+                    continue
+                say(f"ferrolm kv={kv} decode {c} x {n}" + (", in turns with fp16" if base else ""))
                 engine = _ferrolm_engine(cfg, kv)
-                step = lambda p, k, e=engine: decode_step_time(e, p, k)  # noqa: E731
-                for row in decode_grid(step, engine.tokenizer, text, [c], [n], cfg.decode_steps):
-                    rows.append({"engine": "ferrolm", "kv_dtype": kv, **row})
-                del engine, step
+                tokenizer = tokenizer or engine.tokenizer
+                prompts = prompts_from_text(tokenizer, text, c, n)
+                runs = [DecodeRun(engine, prompts)] + ([DecodeRun(base, prompts)] if base else [])
+                try:
+                    times = interleaved_step_times(runs, cfg.decode_steps, turn)
+                finally:
+                    for r in runs:
+                        r.close()
+                row = {"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, "context": n}
+                step = _median(times[0])
+                row.update(step_s=step, tokens_per_s=c / step)
+                if base:
+                    row["paired_fp16_step_s"] = _median(times[1])
+                    base_times.extend(times[1])
+                rows.append(row)
+                del engine, runs
+            if base:
+                if not base_times:  # fp16 alone in the specs
+                    say(f"ferrolm kv=fp16 decode {c} x {n}")
+                    base_times = [
+                        decode_step_time(base, prompts_from_text(tokenizer, text, c, n), cfg.decode_steps)
+                    ]
+                step = _median(base_times)
+                rows.append(
+                    {"engine": "ferrolm", "kv_dtype": "fp16", "concurrency": c, "context": n}
+                    | {"step_s": step, "tokens_per_s": c / step}
+                )
+            del base
     return sorted(rows, key=lambda r: cfg.kv_dtypes.index(r["kv_dtype"]))
 
 
@@ -286,7 +354,10 @@ def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | Non
         }
         for r in rows:
             b = base.get(tuple(r[k] for k in key))
-            r["x_fp16"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+            if "paired_fp16_step_s" in r:  # fp16's steps taken in turns with this spec's
+                r["x_fp16"] = r["paired_fp16_step_s"] / r["step_s"]
+            else:
+                r["x_fp16"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
     return {
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
         "threads": torch.get_num_threads(),

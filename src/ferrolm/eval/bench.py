@@ -401,13 +401,18 @@ def format_table(report: dict) -> str:
     if report["decode_grid"]:
         lines += [
             "",
-            "| engine | KV dtype | sequences | context | decode ms/step | decode tok/s | x ferrolm fp16 |",
-            "|---|---|---|---|---|---|---|",
+            "ferrolm's specs take turns with fp16 at each point; x fp16 is to fp16's steps of those turns.",
+            "",
+            "| engine | KV dtype | sequences | context | decode ms/step | decode tok/s | fp16 ms/step, in turns "
+            "| x ferrolm fp16 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for g in report["decode_grid"]:
+            paired = g.get("paired_fp16_step_s")
             lines.append(
                 f"| {g.get('engine', 'ferrolm')} | {g['kv_dtype']} | {g['concurrency']} | {g['context']} | "
-                f"{g['step_s'] * 1e3:.1f} | {g['tokens_per_s']:.1f} | {_x(g.get('x_fp16'))} |"
+                f"{g['step_s'] * 1e3:.1f} | {g['tokens_per_s']:.1f} | {'-' if paired is None else f'{paired * 1e3:.1f}'} "
+                f"| {_x(g.get('x_fp16'))} |"
             )
     if report.get("prefill"):
         lines += [

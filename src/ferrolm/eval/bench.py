@@ -276,54 +276,58 @@ def _ferrolm_runs(cfg: BenchConfig, text: str, say) -> list[dict]:
 
 
 def _ferrolm_grid(cfg: BenchConfig, text: str, say) -> list[dict]:
-    """ferrolm's decode grid point by point. At a point, each KV spec's steps take turns with
-    fp16's (two engines alive, `decode_steps` timed steps each, a few at a time:
-    interleaved_step_times), and its row keeps that fp16 median (paired_fp16_step_s), from
-    which its ratio to fp16 comes: this VM's speed moves by 20-50% within minutes, far more
-    than a format changes it, and steps taken seconds apart see the same machine. fp16's own
-    row: the median of all its steps at the point. Without fp16 in the specs, each runs
-    alone. Rows in spec order, as the other measurements."""
+    """ferrolm's decode grid point by point (_grid_point). Rows in spec order, as the other
+    measurements."""
     rows = []
-    turn = max(1, cfg.decode_steps // 4)
     for c in cfg.decode_concurrency:
         for n in cfg.context_lens:
-            base = _ferrolm_engine(cfg, "fp16") if "fp16" in cfg.kv_dtypes else None
-            tokenizer = base.tokenizer if base else None
-            base_times: list[float] = []
-            for kv in cfg.kv_dtypes:
-                if kv == "fp16":
-                    continue
-                say(f"ferrolm kv={kv} decode {c} x {n}" + (", in turns with fp16" if base else ""))
-                engine = _ferrolm_engine(cfg, kv)
-                tokenizer = tokenizer or engine.tokenizer
-                prompts = prompts_from_text(tokenizer, text, c, n)
-                runs = [DecodeRun(engine, prompts)] + ([DecodeRun(base, prompts)] if base else [])
-                try:
-                    times = interleaved_step_times(runs, cfg.decode_steps, turn)
-                finally:
-                    for r in runs:
-                        r.close()
-                row = {"engine": "ferrolm", "kv_dtype": kv, "concurrency": c, "context": n}
-                step = _median(times[0])
-                row.update(step_s=step, tokens_per_s=c / step)
-                if base:
-                    row["paired_fp16_step_s"] = _median(times[1])
-                    base_times.extend(times[1])
-                rows.append(row)
-                del engine, runs
-            if base:
-                if not base_times:  # fp16 alone in the specs
-                    say(f"ferrolm kv=fp16 decode {c} x {n}")
-                    base_times = [
-                        decode_step_time(base, prompts_from_text(tokenizer, text, c, n), cfg.decode_steps)
-                    ]
-                step = _median(base_times)
-                rows.append(
-                    {"engine": "ferrolm", "kv_dtype": "fp16", "concurrency": c, "context": n}
-                    | {"step_s": step, "tokens_per_s": c / step}
-                )
-            del base
+            rows.extend(_grid_point(cfg, text, say, c, n))
     return sorted(rows, key=lambda r: cfg.kv_dtypes.index(r["kv_dtype"]))
+
+
+def _grid_point(cfg: BenchConfig, text: str, say, c: int, n: int) -> list[dict]:
+    """One point of the grid. Each KV spec's steps take turns with fp16's (two engines alive,
+    `decode_steps` timed steps each, a few at a time: interleaved_step_times), and its row
+    keeps that fp16 median (paired_fp16_step_s), from which its ratio to fp16 comes: this
+    VM's speed moves by 20-50% within minutes, far more than a format changes it, and steps
+    taken seconds apart see the same machine. fp16's own row: the median of all its steps
+    here. Without fp16 in the specs, each runs alone."""
+    base = _ferrolm_engine(cfg, "fp16") if "fp16" in cfg.kv_dtypes else None
+    tokenizer = base.tokenizer if base else None
+    turn = max(1, cfg.decode_steps // 4)
+    rows, base_times = [], []
+    for kv in (k for k in cfg.kv_dtypes if k != "fp16"):
+        say(f"ferrolm kv={kv} decode {c} x {n}" + (", in turns with fp16" if base else ""))
+        engine = _ferrolm_engine(cfg, kv)
+        tokenizer = tokenizer or engine.tokenizer
+        prompts = prompts_from_text(tokenizer, text, c, n)
+        runs = [DecodeRun(engine, prompts)] + ([DecodeRun(base, prompts)] if base else [])
+        try:
+            times = interleaved_step_times(runs, cfg.decode_steps, turn)
+        finally:
+            for r in runs:
+                r.close()
+        rows.append(_grid_row(kv, c, n, _median(times[0])))
+        if base:
+            rows[-1]["paired_fp16_step_s"] = _median(times[1])
+            base_times.extend(times[1])
+    if base:
+        if not base_times:  # fp16 alone in the specs
+            say(f"ferrolm kv=fp16 decode {c} x {n}")
+            base_times = [decode_step_time(base, prompts_from_text(tokenizer, text, c, n), cfg.decode_steps)]
+        rows.append(_grid_row("fp16", c, n, _median(base_times)))
+    return rows
+
+
+def _grid_row(kv: str, c: int, n: int, step: float) -> dict:
+    return {
+        "engine": "ferrolm",
+        "kv_dtype": kv,
+        "concurrency": c,
+        "context": n,
+        "step_s": step,
+        "tokens_per_s": c / step,
+    }
 
 
 def run_bench(cfg: BenchConfig, text: str, progress: Callable[[str], None] | None = None) -> dict:

@@ -115,19 +115,19 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         if constexpr (i4_dots) int4_scores<NC, R>(kbase, n, kgs, (int)K.groups, K.gsize, fq4, raw);
 #endif
       } else {
-        v16 part_dot[TILE][R];  // key-major: its stores do not walk in step with 1-byte rows (4K aliasing)
+        v16 part_dot[R][TILE];
         for (int j = 0; j < n; ++j) {
           v16 kc[NC];
           load_as<NC, KF>(K, kbase + j * krow, kgs ? kgs + j * K.groups : nullptr, kc);
           for (int r = 0; r < R; ++r) {
             v16 d = qv[r][0] * kc[0];
             for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
-            part_dot[j][r] = d;
+            part_dot[r][j] = d;
           }
         }
         for (int r = 0; r < R; ++r) {
-          for (int j = n; j < TILE; ++j) part_dot[j][r] = v16{};
-          raw[r] = reduce16<R>(&part_dot[0][r]);
+          for (int j = n; j < TILE; ++j) part_dot[r][j] = v16{};
+          raw[r] = reduce16(part_dot[r]);
         }
       }
       const v16 km = token_scales(K, head, slot, n) * scale;

@@ -68,13 +68,11 @@ inline float hmax(v16 v) {
 
 // Sixteen vectors of partial sums -> one vector of their sums (lane j = sum of a[j]):
 // a transpose-and-add tree of 30 two-source shuffles and 15 adds.
-// S: the stride between the sixteen vectors (in vectors).
-template <int S = 1>
 inline v16 reduce16(const v16* a) {
   v16 b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)
-    b[i] = __builtin_shufflevector(a[S * 2 * i], a[S * (2 * i + 1)], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a[S * 2 * i], a[S * (2 * i + 1)], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   for (int i = 0; i < 4; ++i)
     c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
            __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);

@@ -294,9 +294,35 @@ void prepare_xt(const uint16_t* x, int64_t M, int64_t K, int64_t MT, std::vector
 // this tile's blocks: the 16 rows a tile reads lie K / 2 bytes apart, 16 streams at once that
 // the hardware prefetcher did not keep up with (the code loads waited on memory; 16 x 2048
 // int4 decode: the Q4 linears 30% of the step).
-template <int MT>
-void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float* cbuf, int64_t pf) {
+// The tile's scales and minima are converted to fp32 once per tile (ds, ms: [16][nb]), so a
+// block's dequantization is its codes' widening, two FMAs with broadcast operands from memory
+// and the rounding to bf16: per row and block the index arithmetic and scalar fp16
+// conversions of Q4Rows::block (16 of its ~25 ops, half of them on the vector ports) go.
+inline void tile_scales(const Q4Rows& w, int64_t n0, int64_t N, float* ds, float* ms) {
   const int64_t nb = w.K / 32;
+  for (int r = 0; r < 16; ++r) {
+    const int64_t n = std::min(n0 + r, N - 1);  // rows past N: any finite values (their codes are not read)
+    const c10::Half* sc = w.sc + n * nb;
+    const c10::Half* mn = w.mn + n * nb;
+    int64_t b = 0;
+    for (; b + 16 <= nb; b += 16) {
+      _mm512_storeu_ps(ds + r * nb + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + b))));
+      _mm512_storeu_ps(ms + r * nb + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + b))));
+    }
+    for (; b < nb; ++b) {
+      ds[r * nb + b] = half_to_float(sc[b]);
+      ms[r * nb + b] = half_to_float(mn[b]);
+    }
+  }
+}
+
+template <int MT>
+void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float* cbuf, int64_t pf, float* ds,
+              float* ms) {
+  const int64_t nb = w.K / 32;
+  const int rows = (int)std::min<int64_t>(16, N - n0);
+  tile_scales(w, n0, N, ds, ms);
+  const uint8_t* codes = w.qw + n0 * (w.K / 2);
   alignas(64) uint16_t a[16 * 32];
   _tile_zero(0);
   if constexpr (MT > 1) _tile_zero(1);
@@ -308,10 +334,12 @@ void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float*
         if (pf + r < N) w.prefetch(pf + r);
     for (int r = 0; r < 16; ++r) {
       __m512i row = _mm512_setzero_si512();
-      if (n0 + r < N) {
-        v16 w0, w1;
-        w.block(n0 + r, kb, w0, w1);
-        row = (__m512i)_mm512_cvtne2ps_pbh(bits<__m512>(w1), bits<__m512>(w0));
+      if (r < rows) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * (w.K / 2) + kb * 16)));
+        const __m512 d = _mm512_set1_ps(ds[r * nb + kb]), m = _mm512_set1_ps(ms[r * nb + kb]);
+        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), d, m);
+        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
+        row = (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
       }
       _mm512_store_si512(a + r * 32, row);
     }
@@ -348,9 +376,10 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo, int64_t hi) {
     load_full_tiles();
     alignas(64) float cbuf[4 * 256];
+    std::vector<float> ds(16 * (K / 32)), ms(ds.size());
     for (int64_t nt = lo; nt < hi; ++nt) {
       const int64_t pf = nt + 1 < hi ? (nt + 1) * 16 : -1;
-      with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf, pf); });
+      with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf, pf, ds.data(), ms.data()); });
       // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]: transposed per group, rounded 16 at a time
       const __mmask16 k = __mmask16((1u << std::min<int64_t>(16, N - nt * 16)) - 1);
       for (int64_t mt = 0; mt < MT; ++mt) {

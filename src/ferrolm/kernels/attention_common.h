@@ -55,17 +55,18 @@ template <_mm_hint HINT = _MM_HINT_T0>
 inline void prefetch_bytes(const char* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, HINT);
 }
-// The decode path asks for one key's K and V rows PF_KEYS keys (whole blocks) ahead as it
-// uses this key's value row: a line or two per key, spread over the loop. Its loops do ~16+
-// vector ops per 64-byte line, and at that density this VM's hardware prefetcher falls
-// behind (bench/stream_prefetch.cpp, 16 FMAs per line: 8.1 ns per line alone, 3.5 with such
-// prefetches, 3.3 in L2); a tile's lines asked for at once, 4 or 16 tiles ahead
-// (prefetch_tile), changed nothing. int8 at 16 x 2,048 from memory: 1,090 -> 800 us.
+// The decode path asks for each key's rows PF_KEYS keys (whole blocks) ahead: its K row as
+// the scores use this key's K row, its V row as the values use this key's V row, a line or
+// two per key spread over both loops. Its loops do ~16+ vector ops per 64-byte line, and at
+// that density this VM's hardware prefetcher falls behind (bench/stream_prefetch.cpp, 16
+// FMAs per line: 8.1 ns per line alone, 3.5 with such prefetches, 3.3 in L2); a tile's lines
+// asked for at once, 4 or 16 tiles ahead (prefetch_tile), changed nothing. int8 at 16 x 2,048
+// from memory: 1,090 -> 800 us. Asking for both rows in the values loop alone left the
+// scores loop with no misses in flight and the values loop blocked on full fill buffers
+// (perf: a quarter of the kernel's samples on its prefetches): spread over both loops, fp8
+// at 16 x 2,048 0.89x the time, fp16 0.97x, int8 0.98x (in-process A/B, alternating calls).
 constexpr int64_t PF_KEYS = 128;
-inline void prefetch_key(const char* k, const char* v, int64_t row, int64_t krow, int64_t vrow) {
-  prefetch_bytes(k + row * krow, krow);
-  prefetch_bytes(v + row * vrow, vrow);
-}
+inline void prefetch_row(const char* base, int64_t row, int64_t bytes) { prefetch_bytes(base + row * bytes, bytes); }
 inline void prefetch_tile(const Half& h, int64_t head, int64_t slot, int n, int D) {
   const int64_t dd = h.fmt == LUT4 || h.fmt == PC4 ? D / 2 : D;
   const char* p = reinterpret_cast<const char*>(h.data + (head * h.slots + slot) * dd * h.elem);

@@ -107,6 +107,8 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
       const int64_t slot = block_slot + off;
       const uint8_t* kbase = K.data + (head * K.slots + slot) * krow;
+      if (int_dots && off < pf_rows)  // the tile's key rows pf_ahead blocks on (per key below)
+        prefetch_bytes(kpf + off * krow, std::min<int64_t>(TILE, pf_rows - off) * krow);
       const c10::Half* kgs = k_lut ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
       v16 raw[R];  // q . k of the tile's keys, per head, before the per-token scales
       if (int_dots) {
@@ -117,6 +119,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       } else {
         v16 part_dot[R][TILE];
         for (int j = 0; j < n; ++j) {
+          if (off + j < pf_rows) prefetch_row(kpf, off + j, krow);
           v16 kc[NC];
           load_as<NC, KF>(K, kbase + j * krow, kgs ? kgs + j * K.groups : nullptr, kc);
           for (int r = 0; r < R; ++r) {
@@ -183,7 +186,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       if (v_fold) {
         if constexpr (v_fold_code)
           for (int j = 0; j < ns[u]; ++j) {
-            if ((ti + u) * TILE + j < pf_rows) prefetch_key(kpf, vpf, (ti + u) * TILE + j, krow, vrow);
+            if ((ti + u) * TILE + j < pf_rows) prefetch_row(vpf, (ti + u) * TILE + j, vrow);
             v16 vc[NC];
             lut_codes<NC>(V, vbase + j * vdd, vc);
             for (int r = 0; r < R; ++r)
@@ -196,7 +199,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         continue;
       }
       for (int j = 0; j < ns[u]; ++j) {
-        if ((ti + u) * TILE + j < pf_rows) prefetch_key(kpf, vpf, (ti + u) * TILE + j, krow, vrow);
+        if ((ti + u) * TILE + j < pf_rows) prefetch_row(vpf, (ti + u) * TILE + j, vrow);
         v16 vc[NC];
         load_as<NC, VF>(V, vbase + j * vrow, vgs ? vgs + j * V.groups : nullptr, vc);
         for (int r = 0; r < R; ++r) {

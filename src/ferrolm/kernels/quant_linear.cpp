@@ -23,8 +23,10 @@ struct Q4Rows {
   // Block b of row n -> its 32 weights.
   void block(int64_t n, int64_t b, v16& w0, v16& w1) const {
     const int64_t i = n * (K / 32) + b;
-    const float d = half_to_float(sc[i]), lo = half_to_float(mn[i]);
-    const uint8_t* p = qw + n * (K / 2) + b * 16;
+    dequantize(qw + n * (K / 2) + b * 16, half_to_float(sc[i]), half_to_float(mn[i]), w0, w1);
+  }
+  // A block's 16 code bytes, its scale and minimum -> its 32 weights, q d + lo.
+  static void dequantize(const uint8_t* p, float d, float lo, v16& w0, v16& w1) {
 #if defined(__AVX512F__)
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     w0 = bits<v16>(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))));
@@ -302,16 +304,10 @@ inline void tile_scales(const Q4Rows& w, int64_t n0, int64_t N, float* ds, float
   const int64_t nb = w.K / 32;
   for (int r = 0; r < 16; ++r) {
     const int64_t n = std::min(n0 + r, N - 1);  // rows past N: any finite values (their codes are not read)
-    const c10::Half* sc = w.sc + n * nb;
-    const c10::Half* mn = w.mn + n * nb;
-    int64_t b = 0;
-    for (; b + 16 <= nb; b += 16) {
-      _mm512_storeu_ps(ds + r * nb + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + b))));
-      _mm512_storeu_ps(ms + r * nb + b, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + b))));
-    }
-    for (; b < nb; ++b) {
-      ds[r * nb + b] = half_to_float(sc[b]);
-      ms[r * nb + b] = half_to_float(mn[b]);
+    for (int64_t b = 0; b < nb; b += 16) {
+      const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(16, nb - b)) - 1);  // no read past the row
+      _mm512_mask_storeu_ps(ds + r * nb + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.sc + n * nb + b)));
+      _mm512_mask_storeu_ps(ms + r * nb + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.mn + n * nb + b)));
     }
   }
 }
@@ -335,11 +331,9 @@ void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float*
     for (int r = 0; r < 16; ++r) {
       __m512i row = _mm512_setzero_si512();
       if (r < rows) {
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * (w.K / 2) + kb * 16)));
-        const __m512 d = _mm512_set1_ps(ds[r * nb + kb]), m = _mm512_set1_ps(ms[r * nb + kb]);
-        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), d, m);
-        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
-        row = (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
+        v16 w0, w1;
+        Q4Rows::dequantize(codes + r * (w.K / 2) + kb * 16, ds[r * nb + kb], ms[r * nb + kb], w0, w1);
+        row = (__m512i)_mm512_cvtne2ps_pbh(bits<__m512>(w1), bits<__m512>(w0));
       }
       _mm512_store_si512(a + r * 32, row);
     }

@@ -261,21 +261,41 @@ struct FixedQuery {
   float step;  // 2^e
 };
 
-// A rounded query row (16 NC values) -> q' = 128 hi + lo per dim; returns 2^e.
+// A rounded query row (16 NC values) -> q' = 128 hi + lo per dim; returns 2^e. `sums`
+// (optional): each 16 dims' sum of q'. The scalar loop took ~0.1 us per head (~15 us of a
+// 16-sequence decode call over int8 or int4 keys); AVX-512 does the same roundings 16 lanes
+// at a time (cvtps2dq rounds to nearest even, as nearbyint in the default rounding mode).
 template <int NC>
-float split_query(const v16* q, int8_t* hi, int8_t* lo) {
-  float amax = 0.0f;
-  for (int c = 0; c < NC; ++c)
-    for (int i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(q[c][i]));
-  const int e = query_exponent(amax);
+float split_query(const v16* q, int8_t* hi, int8_t* lo, int32_t* sums = nullptr) {
+  v16 m = v16{};
+  for (int c = 0; c < NC; ++c) {
+    const v16 a = q[c] < 0.0f ? -q[c] : q[c];
+    m = m > a ? m : a;
+  }
+  const int e = query_exponent(hmax(m));
   const float down = pow2(-e);
-  for (int c = 0; c < NC; ++c)
+#if defined(__AVX512F__)
+  for (int c = 0; c < NC; ++c) {
+    const __m512i qi = _mm512_cvtps_epi32(bits<__m512>(q[c] * down));  // exact: q is rounded already
+    const __m512i h = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(qi), _mm512_set1_ps(1.0f / 128.0f)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + 16 * c), _mm512_cvtepi32_epi8(h));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + 16 * c),
+                     _mm512_cvtepi32_epi8(_mm512_sub_epi32(qi, _mm512_slli_epi32(h, 7))));
+    if (sums) sums[c] = _mm512_reduce_add_epi32(qi);
+  }
+#else
+  for (int c = 0; c < NC; ++c) {
+    int32_t sum = 0;
     for (int i = 0; i < 16; ++i) {
       const int32_t qi = (int32_t)std::nearbyint(q[c][i] * down);  // exact: q is rounded already
       const int32_t h = (int32_t)std::nearbyint((float)qi * (1.0f / 128.0f));
       hi[16 * c + i] = (int8_t)h;
       lo[16 * c + i] = (int8_t)(qi - 128 * h);
+      sum += qi;
     }
+    if (sums) sums[c] = sum;
+  }
+#endif
   return pow2(e);
 }
 
@@ -283,9 +303,10 @@ template <int NC>
 FixedQuery<NC> fixed_query(const v16* q) {
   FixedQuery<NC> f;
   int8_t hi[16 * NC], lo[16 * NC];
-  f.step = split_query<NC>(q, hi, lo);
+  int32_t sums[NC];
+  f.step = split_query<NC>(q, hi, lo, sums);
   int32_t sum = 0;
-  for (int d = 0; d < 16 * NC; ++d) sum += 128 * hi[d] + lo[d];
+  for (int c = 0; c < NC; ++c) sum += sums[c];
   std::memcpy(f.hi, hi, sizeof hi);
   std::memcpy(f.lo, lo, sizeof lo);
   f.bias = 128 * sum;
@@ -308,8 +329,9 @@ FixedQuery4<NC> fixed_query4(const float* q, int gsize) {
   v16 x[NC];
   for (int c = 0; c < NC; ++c) x[c] = load16(q + 16 * c);
   int8_t hi[16 * NC], lo[16 * NC];
+  int32_t sums[NC];
   FixedQuery4<NC> g;
-  g.step = split_query<NC>(x, hi, lo);
+  g.step = split_query<NC>(x, hi, lo, sums);
   int8_t a[2][2 * NC][4], b[2][2 * NC][4];
   for (int m = 0; m < 2 * NC; ++m)
     for (int nib = 0; nib < 2; ++nib)
@@ -319,9 +341,9 @@ FixedQuery4<NC> fixed_query4(const float* q, int gsize) {
       }
   std::memcpy(g.p1, a, sizeof a);
   std::memcpy(g.p2, b, sizeof b);
-  for (int grp = 0; grp < 16 * NC / gsize; ++grp) {
+  for (int grp = 0; grp < 16 * NC / gsize; ++grp) {  // gsize: a multiple of 32 here
     int32_t sum = 0;
-    for (int d = grp * gsize; d < (grp + 1) * gsize; ++d) sum += 128 * hi[d] + lo[d];
+    for (int c = grp * gsize / 16; c < (grp + 1) * gsize / 16; ++c) sum += sums[c];
     g.bias[grp] = 8 * sum;
   }
   return g;

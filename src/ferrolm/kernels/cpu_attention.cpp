@@ -140,16 +140,31 @@ inline void fwht(float* x, int64_t n) {
 }
 
 
-// Rows of q (fp32, after the rotation) -> round(q / 2^e) * 2^e in place, row by row.
+// Rows of q (fp32, after the rotation) -> round(q / 2^e) * 2^e in place, row by row (16
+// lanes at a time where D allows: the scalar loop took ~10 us of a 16-sequence decode call).
 void round_query_rows(float* q, int64_t rows, int64_t D) {
   at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {  // a decode step's rows: inline
     for (int64_t i = lo; i < hi; ++i) {
       float* x = q + i * D;
+      int64_t d = 0;
       float amax = 0.0f;
-      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
+#if defined(__AVX512F__)
+      __m512 m = _mm512_setzero_ps();
+      for (; d + 16 <= D; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
+      amax = _mm512_reduce_max_ps(m);
+#endif
+      for (int64_t t = d; t < D; ++t) amax = std::max(amax, std::fabs(x[t]));
       const int e = query_exponent(amax);
       const float down = pow2(-e), up = pow2(e);
-      for (int64_t d = 0; d < D; ++d) x[d] = std::nearbyint(x[d] * down) * up;
+      d = 0;
+#if defined(__AVX512F__)
+      for (; d + 16 <= D; d += 16) {
+        const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_set1_ps(down)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_ps(x + d, _mm512_mul_ps(r, _mm512_set1_ps(up)));
+      }
+#endif
+      for (; d < D; ++d) x[d] = std::nearbyint(x[d] * down) * up;
     }
   });
 }

@@ -145,8 +145,23 @@ inline void transpose16(v16* a) {
 }
 
 // exp on 16 lanes: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], degree-6 polynomial
-// (relative error ~2e-7); x <= -88 gives 0.
+// (relative error ~2e-7); below FLT_MIN (x <= -87.34) 0, x clamped at 88. With AVX-512 the
+// rounding of n is one roundscale and 2^n one scalef (14 ops where the generic form takes
+// ~22; the softmax's exps were ~10% of an int4 decode call: 0.976x its time in-process).
 inline v16 vexp(v16 x) {
+#if defined(__AVX512F__)
+  const __m512 xv = bits<__m512>(x);
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  for (const float c : {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  const __mmask16 normal = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.33654475f), _CMP_GT_OQ);
+  return bits<v16>(_mm512_maskz_scalef_ps(normal, p, n));
+#else
   const v16 lo = splat(-88.0f), hi = splat(88.0f);
   v16 xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -164,6 +179,7 @@ inline v16 vexp(v16 x) {
   i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
   v16 out = p * (v16)e;
   return x <= lo ? v16{} : out;
+#endif
 }
 
 // 16 fp16 bit patterns -> fp32 with the hardware conversion (gcc's generic vector

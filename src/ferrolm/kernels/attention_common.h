@@ -47,6 +47,65 @@ inline decltype(auto) with_nc(int D, F&& f) {
 }
 
 
+// --- Hadamard rotation (formats stored rotated) ---
+// x @ H (orthonormal Sylvester Hadamard) in place: the butterflies of hadamard.fwht in the
+// same order, then one multiply, so both backends produce identical values.
+inline void fwht_scalar(float* x, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float s = (float)(1.0 / std::sqrt((double)n));
+  for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+// One butterfly stage of distance H < 16 inside a vector: lane i pairs with lane i ^ H; the
+// lower lane gets a + b, the upper a - b, the very operations of the scalar stage.
+template <int H>
+inline v16 butterfly_in_vector(v16 x) {
+  v16 partner;
+  if constexpr (H == 1) partner = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  if constexpr (H == 2) partner = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  if constexpr (H == 4) partner = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  if constexpr (H == 8) partner = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  i32x16 upper;
+  for (int i = 0; i < 16; ++i) upper[i] = (i & H) ? -1 : 0;
+  return upper ? partner - x : x + partner;
+}
+
+// The rotation of one row held in NC registers (16 NC values).
+template <int NC>
+inline void fwht_regs(v16* v) {
+  for (int c = 0; c < NC; ++c) {
+    v16 t = butterfly_in_vector<1>(v[c]);
+    t = butterfly_in_vector<2>(t);
+    t = butterfly_in_vector<4>(t);
+    v[c] = butterfly_in_vector<8>(t);
+  }
+  for (int h = 1; h < NC; h *= 2)
+    for (int i = 0; i < NC; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const v16 a = v[j], b = v[j + h];
+        v[j] = a + b;
+        v[j + h] = a - b;
+      }
+  const float s = (float)(1.0 / std::sqrt((double)(16 * NC)));
+  for (int c = 0; c < NC; ++c) v[c] *= s;
+}
+
+inline void fwht(float* x, int64_t n) {
+  if (n % 16 || n > 256 || (n & (n - 1))) return fwht_scalar(x, n);
+  with_nc((int)n, [&](auto NC) {
+    v16 v[NC()];
+    for (int c = 0; c < NC(); ++c) v[c] = load16(x + 16 * c);
+    fwht_regs<NC()>(v);
+    for (int c = 0; c < NC(); ++c) store16(x + 16 * c, v[c]);
+  });
+}
+
 // Ask for a tile's bytes ahead of use (the general path, several queries per tile):
 // consecutive tiles sit in scattered blocks, which the hardware prefetcher cannot guess.
 // The requests go PREFETCH_TILES ahead, into L2, where more misses can be outstanding.
@@ -245,6 +304,26 @@ inline float pow2(int e) {  // 2^e for -126 <= e <= 127
   return f;
 }
 
+// One query row in NC registers -> round(q / 2^e) * 2^e (kv/fixed_point.py), 16 lanes at a
+// time (the scalar loop took ~10 us of a 16-sequence decode call).
+template <int NC>
+inline void round_fixed(v16* x) {
+  v16 m = v16{};
+  for (int c = 0; c < NC; ++c) {
+    const v16 a = x[c] < 0.0f ? -x[c] : x[c];
+    m = m > a ? m : a;
+  }
+  const int e = query_exponent(hmax(m));
+  const float down = pow2(-e), up = pow2(e);
+  for (int c = 0; c < NC; ++c) {
+#if defined(__AVX512F__)
+    x[c] = bits<v16>(_mm512_roundscale_ps(bits<__m512>(x[c] * down), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)) * up;
+#else
+    for (int i = 0; i < 16; ++i) x[c][i] = std::nearbyint(x[c][i] * down) * up;
+#endif
+  }
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool INT8_DOTS = true;
 #else
@@ -325,9 +404,7 @@ struct FixedQuery4 {
 };
 
 template <int NC>
-FixedQuery4<NC> fixed_query4(const float* q, int gsize) {
-  v16 x[NC];
-  for (int c = 0; c < NC; ++c) x[c] = load16(q + 16 * c);
+FixedQuery4<NC> fixed_query4(const v16* x, int gsize) {
   int8_t hi[16 * NC], lo[16 * NC];
   int32_t sums[NC];
   FixedQuery4<NC> g;
@@ -462,7 +539,10 @@ __attribute__((always_inline)) inline void int4_scores(const uint8_t* kbase, int
 #define FERROLM_DECODE_PARAMS                                                                       \
   const Item &it, int nsplit, const float *q, float *out, const Half &K, const Half &V,           \
       const int32_t *tables, int64_t nblk, const int32_t *q_start, const int32_t *ctx_len, int H, int G, \
-      int bs, float scale, Partial *part
+      int bs, float scale, Partial *part, int qx
+// qx: what the decode path does to the query and output rows itself (a pure decode call:
+// no pass over q or the output outside the items, no parallel region of their own).
+constexpr int QX_ROTATE_Q = 1, QX_ROUND_Q = 2, QX_ROTATE_OUT = 4;
 template <int NC, int KF, int VF>
 void run_decode_r(FERROLM_DECODE_PARAMS);
 

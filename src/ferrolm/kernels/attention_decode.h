@@ -15,7 +15,7 @@ constexpr int CHUNK = 8;
 template <int NC, int R, int KF, int VF>
 void run_decode(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
                 const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int bs,
-                float scale, Partial* part) {
+                float scale, Partial* part, int qx) {
   constexpr int D = 16 * NC;
   const bool k_lut = KF == ANY ? K.fmt == LUT4 : KF == LUT4;
   const bool v_lut = VF == ANY ? V.fmt == LUT4 : VF == LUT4;
@@ -29,11 +29,21 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   const int64_t head = it.head;
   const int64_t kdd = k_lut ? D / 2 : D, vdd = v_lut ? D / 2 : D;
 
+  // Integer dots where the CPU has VNNI and the keys' codes are integers (int8; int4 in
+  // groups of at least 32), over the query in fixed point (rounded by attend or above).
+  constexpr bool i8_dots = INT8_DOTS && KF == I8 && NC % 4 == 0;
+  constexpr bool i4_dots = INT8_DOTS && KF == LUT4 && (NC == 4 || NC == 8);
+  const bool int_dots = (i8_dots || i4_dots) && K.fixed_query && (!i4_dots || K.gsize >= 32);
+  FixedQuery<i8_dots ? NC : 1> fq[R];
+  FixedQuery4<i4_dots ? NC : 4> fq4[R];
   v16 qv[R][NC], acc[R][NC], lsum[R];
   float m[R];
   for (int r = 0; r < R; ++r) {
     const float* qr = q + tok0 * H * D + (head * R + r) * D;
     for (int c = 0; c < NC; ++c) qv[r][c] = load16(qr + 16 * c);
+    if (qx & QX_ROTATE_Q) fwht_regs<NC>(qv[r]);
+    if (qx & QX_ROUND_Q) round_fixed<NC>(qv[r]);
+    if constexpr (i4_dots) fq4[r] = fixed_query4<NC>(qv[r], K.gsize);  // before nibble order
     if (k_lut)
       for (int s = 0; s < NC / 2; ++s) {
         const v16 a = qv[r][2 * s], b2 = qv[r][2 * s + 1];
@@ -46,11 +56,6 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   }
   v16 lane;
   for (int j = 0; j < TILE; ++j) lane[j] = (float)j;
-  // Integer dots where the CPU has VNNI and the keys' codes are integers (int8; int4 in
-  // groups of at least 32), over the query in fixed point (rounded by attend already).
-  constexpr bool i8_dots = INT8_DOTS && KF == I8 && NC % 4 == 0;
-  constexpr bool i4_dots = INT8_DOTS && KF == LUT4 && (NC == 4 || NC == 8);
-  const bool int_dots = (i8_dots || i4_dots) && K.fixed_query && (!i4_dots || K.gsize >= 32);
   // 4-bit values in groups of 32 or more: each group's scale is folded into the
   // probabilities (one vector per group and tile) instead of multiplied into every value.
   constexpr bool v_fold_code = VF == LUT4 && (NC == 4 || NC == 8);
@@ -58,13 +63,9 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   const bool v_fold = v_fold_code && V.gsize >= 32;
   int span_group[VG];  // the group of each 32-value span
   for (int sp = 0; sp < VG; ++sp) span_group[sp] = v_fold ? 32 * sp / V.gsize : 0;
-  FixedQuery<i8_dots ? NC : 1> fq[R];
-  FixedQuery4<i4_dots ? NC : 4> fq4[R];
-  if (int_dots)
-    for (int r = 0; r < R; ++r) {
-      if constexpr (i8_dots) fq[r] = fixed_query<NC>(qv[r]);
-      if constexpr (i4_dots) fq4[r] = fixed_query4<NC>(q + tok0 * H * D + (head * R + r) * D, K.gsize);
-    }
+  if constexpr (i8_dots)
+    if (int_dots)
+      for (int r = 0; r < R; ++r) fq[r] = fixed_query<NC>(qv[r]);
 
   // (block, tile within it) of the next chunk, advanced as tiles are consumed (no division
   // per tile); rows are prefetched from the block pf_ahead blocks on (>= PF_KEYS keys ahead)
@@ -222,7 +223,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         acc[r][2 * s] = __builtin_shufflevector(ev, od, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         acc[r][2 * s + 1] = __builtin_shufflevector(ev, od, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
       }
-    if (part) {
+    if (part) {  // rotated back (QX_ROTATE_OUT) after the merge
       part->m[r] = m[r];
       part->l[r] = l;
       for (int c = 0; c < NC; ++c) store16(part->acc + r * D + 16 * c, acc[r][c]);
@@ -230,17 +231,19 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     }
     const float inv = l > 0 ? 1.0f / l : 0.0f;
     float* dst = out + tok0 * H * D + (head * R + r) * D;
-    for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[r][c] * inv);
+    for (int c = 0; c < NC; ++c) acc[r][c] *= inv;
+    if (qx & QX_ROTATE_OUT) fwht_regs<NC>(acc[r]);
+    for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[r][c]);
   }
 }
 
 template <int NC, int KF, int VF>
 void run_decode_r(FERROLM_DECODE_PARAMS) {
   switch (G) {
-    case 1: return run_decode<NC, 1, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
-    case 2: return run_decode<NC, 2, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
-    case 3: return run_decode<NC, 3, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
-    default: return run_decode<NC, 4, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part);
+    case 1: return run_decode<NC, 1, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part, qx);
+    case 2: return run_decode<NC, 2, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part, qx);
+    case 3: return run_decode<NC, 3, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part, qx);
+    default: return run_decode<NC, 4, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, bs, scale, part, qx);
   }
 }
 

@@ -89,82 +89,25 @@ void convert_stage(const Half& h, int64_t head, int64_t block, int off, int n, i
   }
 }
 
-// x @ H (orthonormal Sylvester Hadamard) in place: the butterflies of hadamard.fwht in the
-// same order, then one multiply, so both backends produce identical values.
-inline void fwht_scalar(float* x, int64_t n) {
-  for (int64_t h = 1; h < n; h *= 2)
-    for (int64_t i = 0; i < n; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-  const float s = (float)(1.0 / std::sqrt((double)n));
-  for (int64_t j = 0; j < n; ++j) x[j] *= s;
-}
-
-// One butterfly stage of distance H < 16 inside a vector: lane i pairs with lane i ^ H; the
-// lower lane gets a + b, the upper a - b, the very operations of the scalar stage.
-template <int H>
-inline v16 butterfly_in_vector(v16 x) {
-  v16 partner;
-  if constexpr (H == 1) partner = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  if constexpr (H == 2) partner = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  if constexpr (H == 4) partner = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  if constexpr (H == 8) partner = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  i32x16 upper;
-  for (int i = 0; i < 16; ++i) upper[i] = (i & H) ? -1 : 0;
-  return upper ? partner - x : x + partner;
-}
-
-inline void fwht(float* x, int64_t n) {
-  if (n % 16 || n > 256) return fwht_scalar(x, n);
-  v16 v[16];
-  const int64_t nv = n / 16;
-  for (int64_t c = 0; c < nv; ++c) {
-    v16 t = load16(x + 16 * c);
-    t = butterfly_in_vector<1>(t);
-    t = butterfly_in_vector<2>(t);
-    t = butterfly_in_vector<4>(t);
-    v[c] = butterfly_in_vector<8>(t);
-  }
-  for (int64_t h = 1; h < nv; h *= 2)
-    for (int64_t i = 0; i < nv; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        const v16 a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
-      }
-  const float s = (float)(1.0 / std::sqrt((double)n));
-  for (int64_t c = 0; c < nv; ++c) store16(x + 16 * c, v[c] * s);
-}
-
-
-// Rows of q (fp32, after the rotation) -> round(q / 2^e) * 2^e in place, row by row (16
-// lanes at a time where D allows: the scalar loop took ~10 us of a 16-sequence decode call).
+// Rows of q (fp32, after the rotation) -> round(q / 2^e) * 2^e in place, row by row.
 void round_query_rows(float* q, int64_t rows, int64_t D) {
   at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {  // a decode step's rows: inline
     for (int64_t i = lo; i < hi; ++i) {
       float* x = q + i * D;
-      int64_t d = 0;
+      if (D % 16 == 0 && D <= 256 && !(D & (D - 1))) {
+        with_nc((int)D, [&](auto NC) {
+          v16 v[NC()];
+          for (int c = 0; c < NC(); ++c) v[c] = load16(x + 16 * c);
+          round_fixed<NC()>(v);
+          for (int c = 0; c < NC(); ++c) store16(x + 16 * c, v[c]);
+        });
+        continue;
+      }
       float amax = 0.0f;
-#if defined(__AVX512F__)
-      __m512 m = _mm512_setzero_ps();
-      for (; d + 16 <= D; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
-      amax = _mm512_reduce_max_ps(m);
-#endif
-      for (int64_t t = d; t < D; ++t) amax = std::max(amax, std::fabs(x[t]));
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(x[d]));
       const int e = query_exponent(amax);
       const float down = pow2(-e), up = pow2(e);
-      d = 0;
-#if defined(__AVX512F__)
-      for (; d + 16 <= D; d += 16) {
-        const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + d), _mm512_set1_ps(down)),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm512_storeu_ps(x + d, _mm512_mul_ps(r, _mm512_set1_ps(up)));
-      }
-#endif
-      for (; d < D; ++d) x[d] = std::nearbyint(x[d] * down) * up;
+      for (int64_t d = 0; d < D; ++d) x[d] = std::nearbyint(x[d] * down) * up;
     }
   });
 }
@@ -180,9 +123,9 @@ inline bool decode_path(const Item& it, int G, int D, const Half& K, const Half&
 template <int NC>
 void run_decode_g(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
                   const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
-                  int bs, float scale, Partial* part) {
+                  int bs, float scale, Partial* part, int qx) {
 #define FERROLM_DECODE(KF, VF) \
-  return run_decode_r<NC, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part)
+  return run_decode_r<NC, KF, VF>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part, qx)
   if constexpr (NC == 4 || NC == 8) {
     if (K.fmt == V.fmt) switch (K.fmt) {
         case F32: FERROLM_DECODE(F32, F32);
@@ -201,10 +144,10 @@ void run_decode_g(const Item& it, int nsplit, const float* q, float* out, const 
 
 void run_item(const Item& it, int nsplit, const float* q, float* out, const Half& K, const Half& V,
               const int32_t* tables, int64_t nblk, const int32_t* q_start, const int32_t* ctx_len, int H, int G,
-              int D, int bs, float scale, Partial* part) {
+              int D, int bs, float scale, Partial* part, int qx = 0) {
   if (decode_path(it, G, D, K, V)) {
     return with_nc(D, [&](auto NC) {
-      run_decode_g<NC()>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part);
+      run_decode_g<NC()>(it, nsplit, q, out, K, V, tables, nblk, q_start, ctx_len, H, G, bs, scale, part, qx);
     });
   }
   const int b = it.seq;
@@ -371,24 +314,10 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
                   const at::Tensor& q_start, const at::Tensor& ctx_len, int64_t block_size, double scale,
                   int64_t max_rows, int64_t num_threads, int64_t rot_q, int64_t rot_out, int64_t window) {
   TORCH_CHECK(q_in.dim() == 3 && at::isFloatingType(q_in.scalar_type()), "q: [T, H, D], floating point");
-  // fp32 inside; the output comes back in q's dtype (one op here, not two dispatches in Python)
-  at::Tensor q = q_in.to(at::kFloat).contiguous();
-  if (rot_q) {  // keys are stored rotated: rotate the queries alike
-    if (q.is_same(q_in)) q = q_in.clone();
-    float* p = q.data_ptr<float>();
-    const int64_t D = q.size(2);
-    at::parallel_for(0, q.size(0) * q.size(1), 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) fwht(p + i * D, D);
-    });
-  }
-  if (k_fmt & FIXED_QUERY) {  // the query in fixed point (kv/fixed_point.py), every path
-    if (q.is_same(q_in)) q = q_in.clone();
-    round_query_rows(q.data_ptr<float>(), q.size(0) * q.size(1), q.size(2));
-  }
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && q_start.scalar_type() == at::kInt &&
                   ctx_len.scalar_type() == at::kInt,
               "block tables, query starts and context lengths are int32");
-  const int64_t T = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t T = q_in.size(0), H = q_in.size(1), D = q_in.size(2);
   const int64_t KVH = k_data.size(0), G = H / KVH;
   TORCH_CHECK(D == 16 || D == 32 || D == 64 || D == 128 || D == 256, "head_dim must be 16, 32, 64, 128 or 256");
   const Half K = make_half(k_data, k_scale, k_stage, row_of, k_fmt, k_lut, block_size);
@@ -414,6 +343,33 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
   const int64_t threads = std::max<int64_t>(1, num_threads);
   if ((int64_t)items.size() < 2 * threads && longest >= 512)
     nsplit = (int)std::min<int64_t>((2 * threads + items.size() - 1) / items.size(), longest / 256);
+
+  // fp32 inside; the output comes back in q's dtype (one op here, not two dispatches in Python).
+  // Keys stored rotated take queries rotated alike, fixed-point keys queries rounded
+  // (kv/fixed_point.py), values stored rotated give outputs rotated back. In a decode call
+  // (every item on the decode path) the items do that to their own rows in registers (qx);
+  // otherwise passes over q and the output here do (~20 us and two parallel regions per
+  // 16-sequence call, ~0.6 ms of a 30-layer step).
+  const bool decode_only = std::all_of(items.begin(), items.end(),
+                                       [&](const Item& it) { return decode_path(it, (int)G, (int)D, K, V); });
+  at::Tensor q = q_in.to(at::kFloat).contiguous();
+  int qx = 0;
+  if (decode_only) {
+    qx = (rot_q ? QX_ROTATE_Q : 0) | (K.fixed_query ? QX_ROUND_Q : 0) | (rot_out && nsplit == 1 ? QX_ROTATE_OUT : 0);
+  } else {
+    if (rot_q) {
+      if (q.is_same(q_in)) q = q_in.clone();
+      float* p = q.data_ptr<float>();
+      at::parallel_for(0, T * H, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) fwht(p + i * D, D);
+      });
+    }
+    if (K.fixed_query) {
+      if (q.is_same(q_in)) q = q_in.clone();
+      round_query_rows(q.data_ptr<float>(), T * H, D);
+    }
+  }
+  const int64_t rot_after = (qx & QX_ROTATE_OUT) ? 0 : rot_out;
   at::Tensor out = at::empty({T, H * D}, q.options());
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -432,11 +388,11 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
         const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
         Item it = items[i];
         if (j < n_items) it.next = &items[j];
-        run_item(it, 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr);
+        run_item(it, 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr, qx);
         i = j;
       }
     });
-    return rotate_rows(out, D, rot_out).to(q_in.scalar_type());
+    return rotate_rows(out, D, rot_after).to(q_in.scalar_type());
   }
   const int64_t rows = G * qt;
   std::vector<float> pm(items.size() * nsplit * rows), pl(pm.size()), pacc(pm.size() * D);
@@ -445,7 +401,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
       Item it = items[i / nsplit];
       it.split = (int32_t)(i % nsplit);
       Partial part{pm.data() + i * rows, pl.data() + i * rows, pacc.data() + i * rows * D};
-      run_item(it, nsplit, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, &part);
+      run_item(it, nsplit, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, &part, qx);
     }
   });
   at::parallel_for(0, items.size(), 1, [&](int64_t lo, int64_t hi) {
@@ -472,7 +428,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
         }
     }
   });
-  return rotate_rows(out, D, rot_out).to(q_in.scalar_type());
+  return rotate_rows(out, D, rot_after).to(q_in.scalar_type());
 }
 
 #if defined(__AVX512F__)

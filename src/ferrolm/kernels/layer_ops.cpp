@@ -72,16 +72,24 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, co
 
 // Rotary embedding in place, rotate-half layout: x [T, heads, D] (fp32 or bf16),
 // cos/sin fp32 [T, D] (both halves of a row equal, as the model builds them).
+// 16 lanes at a time where the half is a multiple of 16 (the scalar loop, with a bf16
+// rounding per value, took ~25 us for one decode step's 48 key rows and 35 us for its 144
+// query rows: ~1.5 ms of a 30-layer 16-sequence step); rows split over threads above 512.
 template <class S>
 void rope_rows(S* x, const float* cs, const float* sn, int64_t T, int64_t heads, int64_t D) {
-  const int64_t half = D / 2;
-  at::parallel_for(0, T * heads, 64, [&](int64_t lo, int64_t hi) {
+  const int64_t half = D / 2, half16 = half % 16 == 0 ? half : 0;
+  at::parallel_for(0, T * heads, 512, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t t = i / heads;
       S* v = x + i * D;
       const float* c = cs + t * D;
       const float* s = sn + t * D;
-      for (int64_t j = 0; j < half; ++j) {
+      for (int64_t j = 0; j < half16; j += 16) {
+        const v16 a = load_f32(v + j), b = load_f32(v + j + half);
+        store_f32(v + j, a * load16(c + j) - b * load16(s + j));
+        store_f32(v + j + half, b * load16(c + j + half) + a * load16(s + j + half));
+      }
+      for (int64_t j = half16; j < half; ++j) {
         const float a = float(v[j]), b = float(v[j + half]);
         v[j] = S(a * c[j] - b * s[j]);
         v[j + half] = S(b * c[j + half] + a * s[j + half]);

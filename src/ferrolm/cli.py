@@ -350,6 +350,14 @@ def _baselines(text: str) -> tuple[str, ...]:
     help="Concurrent sequences of the decode grid (decode tokens/s at each of these x each context).",
 )
 @bench_option(
+    "--decode-steps",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Timed decode steps per KV spec at each grid point, taken in turns of at most 4 with "
+    "fp16's (more steps: steadier medians on a noisy machine).",
+)
+@bench_option(
     "--repeats", type=int, default=3, show_default=True, help="Repeats per point (medians reported)."
 )
 @bench_option(
@@ -395,6 +403,7 @@ def bench_cmd(
     concurrency,
     context_lens,
     decode_concurrency,
+    decode_steps,
     repeats,
     kv_cache_memory_gb,
     baseline,
@@ -423,6 +432,7 @@ def bench_cmd(
         concurrency=_ints(concurrency),
         context_lens=_ints(context_lens),
         decode_concurrency=_ints(decode_concurrency),
+        decode_steps=decode_steps,
         repeats=repeats,
         kv_cache_memory_gb=kv_cache_memory_gb,
         baselines=_baselines(baseline),
@@ -434,8 +444,21 @@ def bench_cmd(
     )
     if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
         fail("repeats and output-len must be >= 1 and concurrency non-empty")
-    if min((*cfg.concurrency, *cfg.decode_concurrency, *cfg.context_lens, *cfg.prefill_lens), default=1) < 1:
-        fail("concurrency, decode-concurrency, context-lens and prefill-lens take integers >= 1")
+    if (
+        min(
+            (
+                *cfg.concurrency,
+                *cfg.decode_concurrency,
+                *cfg.context_lens,
+                *cfg.prefill_lens,
+                cfg.decode_steps,
+            )
+        )
+        < 1
+    ):
+        fail(
+            "concurrency, decode-concurrency, context-lens, prefill-lens and decode-steps take integers >= 1"
+        )
     if "llama.cpp" in cfg.baselines:
         from ferrolm.eval.llamacpp import CACHE_TYPES, available
 

@@ -25,6 +25,8 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
             "8,16",
             "--decode-concurrency",
             "1,3",
+            "--decode-steps",
+            "6",
             "--repeats",
             "2",
             "--kv-cache-memory-gb",
@@ -75,7 +77,12 @@ def test_hf_baseline_runs_the_same_weights(tiny_model_dir, tiny_hf_model):
 
 
 def test_bench_rejects_empty_grid_points():
-    for flag, value in (("--decode-concurrency", "0"), ("--context-lens", "128,0"), ("--concurrency", "0")):
+    for flag, value in (
+        ("--decode-concurrency", "0"),
+        ("--context-lens", "128,0"),
+        ("--concurrency", "0"),
+        ("--decode-steps", "0"),
+    ):
         res = CliRunner().invoke(app, ["bench", flag, value])
         assert res.exit_code != 0 and ">= 1" in res.output, (flag, res.output)
 

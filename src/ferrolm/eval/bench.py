@@ -287,14 +287,14 @@ def _ferrolm_grid(cfg: BenchConfig, text: str, say) -> list[dict]:
 
 def _grid_point(cfg: BenchConfig, text: str, say, c: int, n: int) -> list[dict]:
     """One point of the grid. Each KV spec's steps take turns with fp16's (two engines alive,
-    `decode_steps` timed steps each, a few at a time: interleaved_step_times), and its row
+    `decode_steps` timed steps each, at most 4 at a time: interleaved_step_times), and its row
     keeps that fp16 median (paired_fp16_step_s), from which its ratio to fp16 comes: this
     VM's speed moves by 20-50% within minutes, far more than a format changes it, and steps
     taken seconds apart see the same machine. fp16's own row: the median of all its steps
     here. Without fp16 in the specs, each runs alone."""
     base = _ferrolm_engine(cfg, "fp16") if "fp16" in cfg.kv_dtypes else None
     tokenizer = base.tokenizer if base else None
-    turn = max(1, cfg.decode_steps // 4)
+    turn = max(1, min(4, cfg.decode_steps // 4))  # more steps: more turns, not longer ones
     rows, base_times = [], []
     for kv in (k for k in cfg.kv_dtypes if k != "fp16"):
         say(f"ferrolm kv={kv} decode {c} x {n}" + (", in turns with fp16" if base else ""))

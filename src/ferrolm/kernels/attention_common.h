@@ -304,16 +304,22 @@ inline float pow2(int e) {  // 2^e for -126 <= e <= 127
   return f;
 }
 
-// One query row in NC registers -> round(q / 2^e) * 2^e (kv/fixed_point.py), 16 lanes at a
-// time (the scalar loop took ~10 us of a 16-sequence decode call).
+// The fixed-point exponent e of a query row held in NC registers (query_exponent of its max |q|).
 template <int NC>
-inline void round_fixed(v16* x) {
+inline int row_exponent(const v16* x) {
   v16 m = v16{};
   for (int c = 0; c < NC; ++c) {
     const v16 a = x[c] < 0.0f ? -x[c] : x[c];
     m = m > a ? m : a;
   }
-  const int e = query_exponent(hmax(m));
+  return query_exponent(hmax(m));
+}
+
+// One query row in NC registers -> round(q / 2^e) * 2^e (kv/fixed_point.py), 16 lanes at a
+// time (the scalar loop took ~10 us of a 16-sequence decode call).
+template <int NC>
+inline void round_fixed(v16* x) {
+  const int e = row_exponent<NC>(x);
   const float down = pow2(-e), up = pow2(e);
   for (int c = 0; c < NC; ++c) {
 #if defined(__AVX512F__)
@@ -346,12 +352,7 @@ struct FixedQuery {
 // at a time (cvtps2dq rounds to nearest even, as nearbyint in the default rounding mode).
 template <int NC>
 float split_query(const v16* q, int8_t* hi, int8_t* lo, int32_t* sums = nullptr) {
-  v16 m = v16{};
-  for (int c = 0; c < NC; ++c) {
-    const v16 a = q[c] < 0.0f ? -q[c] : q[c];
-    m = m > a ? m : a;
-  }
-  const int e = query_exponent(hmax(m));
+  const int e = row_exponent<NC>(q);
   const float down = pow2(-e);
 #if defined(__AVX512F__)
   for (int c = 0; c < NC; ++c) {

@@ -43,7 +43,8 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     for (int c = 0; c < NC; ++c) qv[r][c] = load16(qr + 16 * c);
     if (qx & QX_ROTATE_Q) fwht_regs<NC>(qv[r]);
     if (qx & QX_ROUND_Q) round_fixed<NC>(qv[r]);
-    if constexpr (i4_dots) fq4[r] = fixed_query4<NC>(qv[r], K.gsize);  // before nibble order
+    if constexpr (i4_dots)
+      if (int_dots) fq4[r] = fixed_query4<NC>(qv[r], K.gsize);  // before nibble order
     if (k_lut)
       for (int s = 0; s < NC / 2; ++s) {
         const v16 a = qv[r][2 * s], b2 = qv[r][2 * s + 1];

@@ -49,15 +49,21 @@ inline decltype(auto) with_nc(int D, F&& f) {
 
 // --- Hadamard rotation (formats stored rotated) ---
 // x @ H (orthonormal Sylvester Hadamard) in place: the butterflies of hadamard.fwht in the
-// same order, then one multiply, so both backends produce identical values.
-inline void fwht_scalar(float* x, int64_t n) {
+// same order, then one multiply, so both backends produce identical values. The stages over
+// n elements of x (floats, or whole vectors of 16 once the stages inside them are done).
+template <class T>
+inline void butterflies(T* x, int64_t n) {
   for (int64_t h = 1; h < n; h *= 2)
     for (int64_t i = 0; i < n; i += 2 * h)
       for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
+        const T a = x[j], b = x[j + h];
         x[j] = a + b;
         x[j + h] = a - b;
       }
+}
+
+inline void fwht_scalar(float* x, int64_t n) {
+  butterflies(x, n);
   const float s = (float)(1.0 / std::sqrt((double)n));
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
 }
@@ -85,13 +91,7 @@ inline void fwht_regs(v16* v) {
     t = butterfly_in_vector<4>(t);
     v[c] = butterfly_in_vector<8>(t);
   }
-  for (int h = 1; h < NC; h *= 2)
-    for (int i = 0; i < NC; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const v16 a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
-      }
+  butterflies(v, NC);
   const float s = (float)(1.0 / std::sqrt((double)(16 * NC)));
   for (int c = 0; c < NC; ++c) v[c] *= s;
 }

@@ -20,13 +20,11 @@ struct Q4Rows {
   const uint8_t* qw;
   const c10::Half *sc, *mn;
   int64_t K;
-  // Block b of row n -> its 32 weights.
+  // Block b of row n -> its 32 weights, q d + lo.
   void block(int64_t n, int64_t b, v16& w0, v16& w1) const {
     const int64_t i = n * (K / 32) + b;
-    dequantize(qw + n * (K / 2) + b * 16, half_to_float(sc[i]), half_to_float(mn[i]), w0, w1);
-  }
-  // A block's 16 code bytes, its scale and minimum -> its 32 weights, q d + lo.
-  static void dequantize(const uint8_t* p, float d, float lo, v16& w0, v16& w1) {
+    const float d = half_to_float(sc[i]), lo = half_to_float(mn[i]);
+    const uint8_t* p = qw + n * (K / 2) + b * 16;
 #if defined(__AVX512F__)
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     w0 = bits<v16>(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))));

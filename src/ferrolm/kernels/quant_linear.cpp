@@ -297,16 +297,16 @@ void prepare_xt(const uint16_t* x, int64_t M, int64_t K, int64_t MT, std::vector
 // The tile's scales and minima are converted to fp32 once per tile (ds, ms: [16][nb]), so a
 // block's dequantization (block_bf16) takes its d and m as plain floats: per row and block the
 // index arithmetic and scalar fp16 conversions of Q4Rows::block (16 of its ~25 ops, half of
-// them on the vector ports) go.
+// them on the vector ports) go. A tile's rows are consecutive, so their scales are one run of
+// rows * nb values, converted 16 at a time (row by row, with a masked tail per row, the
+// 16-row linears took 1.04x the time).
 inline void tile_scales(const Q4Rows& w, int64_t n0, int64_t N, float* ds, float* ms) {
-  const int64_t nb = w.K / 32;
-  for (int r = 0; r < 16; ++r) {
-    const int64_t n = std::min(n0 + r, N - 1);  // rows past N: any finite values (their codes are not read)
-    for (int64_t b = 0; b < nb; b += 16) {
-      const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(16, nb - b)) - 1);  // no read past the row
-      _mm512_mask_storeu_ps(ds + r * nb + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.sc + n * nb + b)));
-      _mm512_mask_storeu_ps(ms + r * nb + b, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, w.mn + n * nb + b)));
-    }
+  const int64_t nb = w.K / 32, total = std::min<int64_t>(16, N - n0) * nb;  // rows past N: not read
+  const c10::Half *sc = w.sc + n0 * nb, *mn = w.mn + n0 * nb;
+  for (int64_t i = 0; i < total; i += 16) {
+    const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(16, total - i)) - 1);  // no read past the run
+    _mm512_mask_storeu_ps(ds + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sc + i)));
+    _mm512_mask_storeu_ps(ms + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, mn + i)));
   }
 }
 

@@ -444,18 +444,14 @@ def bench_cmd(
     )
     if cfg.repeats < 1 or cfg.output_len < 1 or not cfg.concurrency:
         fail("repeats and output-len must be >= 1 and concurrency non-empty")
-    if (
-        min(
-            (
-                *cfg.concurrency,
-                *cfg.decode_concurrency,
-                *cfg.context_lens,
-                *cfg.prefill_lens,
-                cfg.decode_steps,
-            )
-        )
-        < 1
-    ):
+    sizes = (
+        *cfg.concurrency,
+        *cfg.decode_concurrency,
+        *cfg.context_lens,
+        *cfg.prefill_lens,
+        cfg.decode_steps,
+    )
+    if min(sizes) < 1:
         fail(
             "concurrency, decode-concurrency, context-lens, prefill-lens and decode-steps take integers >= 1"
         )

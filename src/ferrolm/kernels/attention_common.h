@@ -35,6 +35,8 @@ struct Half {
 
 // Calls f(std::integral_constant<int, NC>) for NC = head_dim / 16 in {1, 2, 4, 8, 16}: the
 // compile-time vector count of the register-blocked code.
+// with_nc's head dims: 16, 32, 64, 128, 256 (rows of other lengths take the scalar code).
+inline bool register_dim(int64_t D) { return D % 16 == 0 && D <= 256 && !(D & (D - 1)); }
 template <class F>
 inline decltype(auto) with_nc(int D, F&& f) {
   switch (D) {
@@ -97,7 +99,7 @@ inline void fwht_regs(v16* v) {
 }
 
 inline void fwht(float* x, int64_t n) {
-  if (n % 16 || n > 256 || (n & (n - 1))) return fwht_scalar(x, n);
+  if (!register_dim(n)) return fwht_scalar(x, n);
   with_nc((int)n, [&](auto NC) {
     v16 v[NC()];
     for (int c = 0; c < NC(); ++c) v[c] = load16(x + 16 * c);

@@ -94,7 +94,7 @@ void round_query_rows(float* q, int64_t rows, int64_t D) {
   at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {  // a decode step's rows: inline
     for (int64_t i = lo; i < hi; ++i) {
       float* x = q + i * D;
-      if (D % 16 == 0 && D <= 256 && !(D & (D - 1))) {
+      if (register_dim(D)) {
         with_nc((int)D, [&](auto NC) {
           v16 v[NC()];
           for (int c = 0; c < NC(); ++c) v[c] = load16(x + 16 * c);

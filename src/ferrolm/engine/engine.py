@@ -226,7 +226,7 @@ class LLMEngine:
             return []
         touched: dict[str, Request] = {}
         rows = [self._logit_rows(item) for item in batch]
-        batch, per_item = self._execute(batch, rows, touched)
+        batch, per_item, all_logits = self._execute(batch, rows, touched)
         for item, (item_rows, logits) in zip(batch, per_item):
             self._record_prompt_logprobs(item, item_rows, logits, touched)
         ready = self.scheduler.postprocess(batch)
@@ -235,7 +235,12 @@ class LLMEngine:
         if not ready:
             return self._outputs(touched, {})
         ready_ids = {seq.seq_id for seq in ready}
-        last = torch.stack([lg[-1] for item, (_, lg) in zip(batch, per_item) if item.seq.seq_id in ready_ids])
+        if all_logits is not None and len(all_logits) == len(ready) == len(batch):
+            last = all_logits  # one row per item, each ready: the model's logits, no copy (decode steps)
+        else:
+            last = torch.stack(
+                [lg[-1] for item, (_, lg) in zip(batch, per_item) if item.seq.seq_id in ready_ids]
+            )
         tokens, logprobs = self._sample(last, ready, touched)
         deltas: dict[int, str] = {}
         for seq, token, lp in zip(ready, tokens, logprobs):
@@ -293,10 +298,10 @@ class LLMEngine:
         """Logits of each item's `rows`. If the batched run fails, each sequence runs alone
         (its K/V are rewritten to the same slots, so this is safe) and only those that fail
         alone are finished with an error. Returns (the items that succeeded, their
-        (rows, logits) pairs)."""
+        (rows, logits) pairs, the batched run's logits of all rows or None)."""
         try:
             logits = self.runner.execute(batch, rows)
-            return batch, list(zip(rows, logits.split([len(r) for r in rows])))
+            return batch, list(zip(rows, logits.split([len(r) for r in rows]))), logits
         except Exception:
             log.exception("batched model step failed; retrying its %d sequences one by one", len(batch))
         done: list[tuple[ScheduledSeq, tuple[list[int], torch.Tensor]]] = []
@@ -306,7 +311,7 @@ class LLMEngine:
             except Exception as e:
                 self._fail(self.requests[item.seq.request_id], e, touched)
         done = [(item, r) for item, r in done if not item.seq.finished]  # siblings of failures
-        return [item for item, _ in done], [r for _, r in done]
+        return [item for item, _ in done], [r for _, r in done], None
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], touched: dict[str, Request]):
         """sample() over all rows; on failure row by row, failing only the bad rows' requests."""

@@ -172,6 +172,26 @@ def test_engine_block_sizes_decode_long_contexts(bs, gqa, dtype):
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "fp8", "int4", "nf4"])
+def test_bf16_queries_give_the_fp32_result_rounded(dtype):
+    """A decode call over bf16 q (the bf16 compute dtype) reads q and writes the output in
+    bf16 inside the items: the same numbers as widening q first and rounding the fp32 output."""
+    seqs = [(40, 1), (7, 1), (129, 1), (0, 1)]
+    spec = KvSpec.parse(dtype, 1)
+    _, pool = _run(spec, CpuBackend(), heads=9, kv_heads=3, head_dim=64, bs=16, seqs=seqs)
+    nb = pool.num_blocks  # any blocks of the pool: both calls read the same ones
+    meta = AttentionMetadata.build(
+        [[(5 * i + j) % nb for j in range(9)] for i in range(len(seqs))],
+        [c for c, _ in seqs],
+        [1] * len(seqs),
+        16,
+    )
+    q = torch.randn(len(seqs), 9, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    out = CpuBackend().attend(q, 0, pool, meta, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, CpuBackend().attend(q.float(), 0, pool, meta, 0.125).bfloat16())
+
+
 @pytest.mark.parametrize("head_dim", [16, 32, 128, 256, 40, 48])
 def test_head_dims(head_dim):
     """16, 32, 64, 128 and 256 run compiled; others (40, 48) fall back to the reference inside the backend."""

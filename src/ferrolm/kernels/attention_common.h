@@ -545,7 +545,9 @@ __attribute__((always_inline)) inline void int4_scores(const uint8_t* kbase, int
       int bs, float scale, Partial *part, int qx
 // qx: what the decode path does to the query and output rows itself (a pure decode call:
 // no pass over q or the output outside the items, no parallel region of their own).
-constexpr int QX_ROTATE_Q = 1, QX_ROUND_Q = 2, QX_ROTATE_OUT = 4;
+// QX_BF16: q and the output are bf16 (q, out point at bf16 rows): each item widens its own
+// query rows and rounds its own output rows, inside the parallel region.
+constexpr int QX_ROTATE_Q = 1, QX_ROUND_Q = 2, QX_ROTATE_OUT = 4, QX_BF16 = 8;
 template <int NC, int KF, int VF>
 void run_decode_r(FERROLM_DECODE_PARAMS);
 

@@ -39,8 +39,10 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   v16 qv[R][NC], acc[R][NC], lsum[R];
   float m[R];
   for (int r = 0; r < R; ++r) {
-    const float* qr = q + tok0 * H * D + (head * R + r) * D;
-    for (int c = 0; c < NC; ++c) qv[r][c] = load16(qr + 16 * c);
+    const int64_t qrow = tok0 * H * D + (head * R + r) * D;
+    for (int c = 0; c < NC; ++c)
+      qv[r][c] = (qx & QX_BF16) ? from_bf16(reinterpret_cast<const c10::BFloat16*>(q) + qrow + 16 * c)
+                                : load16(q + qrow + 16 * c);
     if (qx & QX_ROTATE_Q) fwht_regs<NC>(qv[r]);
     if (qx & QX_ROUND_Q) round_fixed<NC>(qv[r]);
     if constexpr (i4_dots)
@@ -231,10 +233,17 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       continue;
     }
     const float inv = l > 0 ? 1.0f / l : 0.0f;
-    float* dst = out + tok0 * H * D + (head * R + r) * D;
+    const int64_t orow = tok0 * H * D + (head * R + r) * D;
     for (int c = 0; c < NC; ++c) acc[r][c] *= inv;
     if (qx & QX_ROTATE_OUT) fwht_regs<NC>(acc[r]);
-    for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[r][c]);
+    for (int c = 0; c < NC; ++c) {
+      if (qx & QX_BF16) {
+        const u16x16 h = to_bf16(acc[r][c]);
+        std::memcpy(reinterpret_cast<c10::BFloat16*>(out) + orow + 16 * c, &h, sizeof h);
+      } else {
+        store16(out + orow + 16 * c, acc[r][c]);
+      }
+    }
   }
 }
 

@@ -352,10 +352,15 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
   // 16-sequence call, ~0.6 ms of a 30-layer step).
   const bool decode_only = std::all_of(items.begin(), items.end(),
                                        [&](const Item& it) { return decode_path(it, (int)G, (int)D, K, V); });
-  at::Tensor q = q_in.to(at::kFloat).contiguous();
+  // A one-pass decode call over bf16 q (the bf16 compute dtype) reads q and writes the output
+  // in bf16 itself (QX_BF16): two casts of the whole q and output less per layer.
+  const bool bf16_io =
+      decode_only && nsplit == 1 && q_in.scalar_type() == at::kBFloat16 && q_in.is_contiguous();
+  at::Tensor q = bf16_io ? q_in : q_in.to(at::kFloat).contiguous();
   int qx = 0;
   if (decode_only) {
-    qx = (rot_q ? QX_ROTATE_Q : 0) | (K.fixed_query ? QX_ROUND_Q : 0) | (rot_out && nsplit == 1 ? QX_ROTATE_OUT : 0);
+    qx = (rot_q ? QX_ROTATE_Q : 0) | (K.fixed_query ? QX_ROUND_Q : 0) | (rot_out && nsplit == 1 ? QX_ROTATE_OUT : 0) |
+         (bf16_io ? QX_BF16 : 0);
   } else {
     if (rot_q) {
       if (q.is_same(q_in)) q = q_in.clone();
@@ -371,8 +376,8 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
   }
   const int64_t rot_after = (qx & QX_ROTATE_OUT) ? 0 : rot_out;
   at::Tensor out = at::empty({T, H * D}, q.options());
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  const float* qp = static_cast<const float*>(q.data_ptr());  // bf16 rows under QX_BF16
+  float* op = static_cast<float*>(out.data_ptr());
   const int bs = (int)block_size;
   const float sc = (float)scale;
   if (nsplit == 1) {

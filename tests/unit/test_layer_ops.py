@@ -47,6 +47,26 @@ def test_rope_in_place_matches_the_reference(dtype, T, heads, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "T,heads,kv_heads,D", [(1, 9, 3, 64), (16, 9, 3, 64), (70, 4, 4, 128), (3, 2, 1, 40)]
+)
+def test_split_qkv_rope_equals_copies_then_rope(dtype, T, heads, kv_heads, D):
+    """The decoder loop's split of the merged projection (q and k rotated, v copied in one
+    op): the very values of copying each part out and rotating it in place."""
+    freqs = torch.arange(T).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos(), emb.sin()
+    qkv = torch.randn(T, (heads + 2 * kv_heads) * D).to(dtype)
+    q, k, v = torch.ops.ferrolm_cpu.split_qkv_rope(qkv, cos, sin, heads, kv_heads)
+    parts = qkv.split([heads * D, kv_heads * D, kv_heads * D], 1)
+    assert torch.equal(q, rope_(parts[0].contiguous().view(T, heads, D), cos, sin))
+    assert torch.equal(k, rope_(parts[1].contiguous().view(T, kv_heads, D), cos, sin))
+    assert torch.equal(v, parts[2].contiguous().view(T, kv_heads, D))
+    with pytest.raises(RuntimeError, match="qkv: contiguous"):
+        torch.ops.ferrolm_cpu.split_qkv_rope(qkv[:, 1:], cos, sin, heads, kv_heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,inter", [(1, 1536), (5, 40), (64, 24)])
 def test_silu_mul_matches_the_reference(dtype, T, inter):
     gate_up = (torch.randn(T, 2 * inter) * 4).to(dtype)

@@ -77,16 +77,12 @@ struct DecoderPlan : torch::CustomClassHolder {
   // output (the final norm adds it), as the Python layer loop does.
   at::Tensor run(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor slots, at::Tensor block_tables,
                  at::Tensor q_start, at::Tensor ctx_len, int64_t num_threads) {
-    const int64_t T = x.size(0), H = heads, KV = kv_heads, D = head_dim;
+    const int64_t H = heads, KV = kv_heads;
     c10::optional<at::Tensor> delta;
     for (const Layer& L : layers) {
       const at::Tensor h = ferrolm::add_rms_norm(x, delta, L.in_norm, eps, bf16);
       const at::Tensor qkv = L.qkv(h);
-      at::Tensor q = qkv.narrow(1, 0, H * D).contiguous().view({T, H, D});
-      at::Tensor k = qkv.narrow(1, H * D, KV * D).contiguous().view({T, KV, D});
-      const at::Tensor v = qkv.narrow(1, (H + KV) * D, KV * D).contiguous().view({T, KV, D});
-      ferrolm::rope_(q, cos, sin);
-      ferrolm::rope_(k, cos, sin);
+      const auto [q, k, v] = ferrolm::split_qkv_rope(qkv, cos, sin, H, KV);
       ferrolm::kv_write(k, slots, L.k.data, L.k.scale, L.k.fmt, L.k.qmax, L.k.mids, L.k.rotated);
       ferrolm::kv_write(v, slots, L.v.data, L.v.scale, L.v.fmt, L.v.qmax, L.v.mids, L.v.rotated);
       const at::Tensor att = ferrolm::attend(q, L.k.data, L.k.scale, c10::nullopt, L.k.fmt, L.k.lut, L.v.data,

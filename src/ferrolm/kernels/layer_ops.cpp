@@ -75,22 +75,25 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, co
 // 16 lanes at a time where the half is a multiple of 16 (the scalar loop, with a bf16
 // rounding per value, took ~25 us for one decode step's 48 key rows and 35 us for its 144
 // query rows: ~1.5 ms of a 30-layer 16-sequence step); rows split over threads above 512.
+// x [T, heads, D] from src (token t's heads at src + t * src_stride; src may be x itself).
 template <class S>
-void rope_rows(S* x, const float* cs, const float* sn, int64_t T, int64_t heads, int64_t D) {
+void rope_rows(const S* src, int64_t src_stride, S* x, const float* cs, const float* sn, int64_t T, int64_t heads,
+               int64_t D) {
   const int64_t half = D / 2, half16 = half % 16 == 0 ? half : 0;
   at::parallel_for(0, T * heads, 512, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t t = i / heads;
+      const S* u = src + t * src_stride + (i % heads) * D;
       S* v = x + i * D;
       const float* c = cs + t * D;
       const float* s = sn + t * D;
       for (int64_t j = 0; j < half16; j += 16) {
-        const v16 a = load_f32(v + j), b = load_f32(v + j + half);
+        const v16 a = load_f32(u + j), b = load_f32(u + j + half);
         store_f32(v + j, a * load16(c + j) - b * load16(s + j));
         store_f32(v + j + half, b * load16(c + j + half) + a * load16(s + j + half));
       }
       for (int64_t j = half16; j < half; ++j) {
-        const float a = float(v[j]), b = float(v[j + half]);
+        const float a = float(u[j]), b = float(u[j + half]);
         v[j] = S(a * c[j] - b * s[j]);
         v[j + half] = S(b * c[j + half] + a * s[j + half]);
       }
@@ -98,17 +101,54 @@ void rope_rows(S* x, const float* cs, const float* sn, int64_t T, int64_t heads,
   });
 }
 
+void check_rope_tables(const at::Tensor& cos, const at::Tensor& sin, int64_t T, int64_t D) {
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.numel() == T * D, "cos: fp32 [T, D]");
+  TORCH_CHECK(sin.scalar_type() == at::kFloat && sin.is_contiguous() && sin.numel() == T * D, "sin: fp32 [T, D]");
+}
+
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "x: contiguous [T, heads, D]");
   const int64_t T = x.size(0), heads = x.size(1), D = x.size(2);
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && cos.numel() == T * D, "cos: fp32 [T, D]");
-  TORCH_CHECK(sin.scalar_type() == at::kFloat && sin.is_contiguous() && sin.numel() == T * D, "sin: fp32 [T, D]");
+  check_rope_tables(cos, sin, T, D);
   if (x.scalar_type() == at::kFloat)
-    rope_rows(x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T, heads, D);
+    rope_rows(x.data_ptr<float>(), heads * D, x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T,
+              heads, D);
   else if (x.scalar_type() == at::kBFloat16)
-    rope_rows(x.data_ptr<c10::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T, heads, D);
+    rope_rows(x.data_ptr<c10::BFloat16>(), heads * D, x.data_ptr<c10::BFloat16>(), cos.data_ptr<float>(),
+              sin.data_ptr<float>(), T, heads, D);
   else
     TORCH_CHECK(false, "rope_: x must be fp32 or bf16");
+}
+
+// A merged projection's rows [T, (H + 2 KV) D] -> q [T, H, D] and k [T, KV, D] rotated, v
+// [T, KV, D] copied: one pass and three allocations where copying each part out of the rows
+// and rotating q and k in place took five dispatched ops. The same arithmetic as rope_.
+template <class S>
+void split_rows(const S* qkv, const float* cs, const float* sn, int64_t T, int64_t H, int64_t KV, int64_t D, S* q,
+                S* k, S* v) {
+  const int64_t W = (H + 2 * KV) * D;
+  rope_rows(qkv, W, q, cs, sn, T, H, D);
+  rope_rows(qkv + H * D, W, k, cs, sn, T, KV, D);
+  for (int64_t t = 0; t < T; ++t) std::memcpy(v + t * KV * D, qkv + t * W + (H + KV) * D, KV * D * sizeof(S));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                                              const at::Tensor& sin, int64_t H, int64_t KV) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && H > 0 && KV > 0 && qkv.size(1) % (H + 2 * KV) == 0,
+              "qkv: contiguous [T, (H + 2 KV) D]");
+  const int64_t T = qkv.size(0), D = qkv.size(1) / (H + 2 * KV);
+  check_rope_tables(cos, sin, T, D);
+  at::Tensor q = at::empty({T, H, D}, qkv.options()), k = at::empty({T, KV, D}, qkv.options()),
+             v = at::empty({T, KV, D}, qkv.options());
+  if (qkv.scalar_type() == at::kFloat)
+    split_rows(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T, H, KV, D, q.data_ptr<float>(),
+               k.data_ptr<float>(), v.data_ptr<float>());
+  else if (qkv.scalar_type() == at::kBFloat16)
+    split_rows(qkv.data_ptr<c10::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), T, H, KV, D,
+               q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>());
+  else
+    TORCH_CHECK(false, "split_qkv_rope: qkv must be fp32 or bf16");
+  return {q, k, v};
 }
 
 // SwiGLU's product: [T, 2I] (gate | up) -> silu(gate) * up [T, I], each rounded once to
@@ -205,12 +245,17 @@ at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, co
   return ::add_rms_norm(x, delta, weight, eps, bf16_out);
 }
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) { ::rope_(x, cos, sin); }
+std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                                              const at::Tensor& sin, int64_t H, int64_t KV) {
+  return ::split_qkv_rope(qkv, cos, sin, H, KV);
+}
 at::Tensor silu_mul(const at::Tensor& gate_up) { return ::silu_mul(gate_up); }
 }  // namespace ferrolm
 
 TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor? delta, Tensor weight, float eps, bool bf16_out) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
+  m.def("split_qkv_rope(Tensor qkv, Tensor cos, Tensor sin, int heads, int kv_heads) -> (Tensor, Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("argmax_rows(Tensor logits) -> Tensor");
 }
@@ -218,6 +263,7 @@ TORCH_LIBRARY_FRAGMENT(ferrolm_cpu, m) {
 TORCH_LIBRARY_IMPL(ferrolm_cpu, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_", &rope_);
+  m.impl("split_qkv_rope", &split_qkv_rope);
   m.impl("silu_mul", &silu_mul);
   m.impl("argmax_rows", &argmax_rows);
 }

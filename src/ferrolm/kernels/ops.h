@@ -11,6 +11,8 @@
 #include <ATen/ops/sub.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 namespace ferrolm {
 
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k_data, const c10::optional<at::Tensor>& k_scale,
@@ -28,6 +30,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 at::Tensor add_rms_norm(at::Tensor x, const c10::optional<at::Tensor>& delta, const at::Tensor& weight, double eps,
                         bool bf16_out);
 void rope_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> split_qkv_rope(const at::Tensor& qkv, const at::Tensor& cos,
+                                                              const at::Tensor& sin, int64_t H, int64_t KV);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 
 }  // namespace ferrolm

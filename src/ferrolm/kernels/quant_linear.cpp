@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include <sys/syscall.h>
+#include <atomic>
 #include <type_traits>
 #include <unistd.h>
 
@@ -369,6 +370,26 @@ void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float*
   if constexpr (MT > 3) _tile_stored(3, cbuf + 768, 64);
 }
 
+// [0, n) in contiguous chunks claimed from a shared counter: with_thread(run) once per thread,
+// run(body) calls body(lo, hi, then) for each chunk the thread claims, `then` the first index
+// of its next chunk (claimed before this one runs, so its rows can be asked for; -1: none).
+// Ends balance where a fixed half per thread left one thread idle while the other finished
+// (the VM's two vCPUs do not run equally fast).
+template <class F>
+void claim_chunks(int64_t n, int64_t chunk, F&& with_thread) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    with_thread([&](auto&& body) {
+      for (int64_t lo = next.fetch_add(chunk, std::memory_order_relaxed); lo < n;) {
+        const int64_t then = next.fetch_add(chunk, std::memory_order_relaxed);
+        body(lo, std::min(n, lo + chunk), then < n ? then : -1);
+        lo = then;
+      }
+    });
+  });
+}
+
 at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   const int64_t M = x.size(0), K = w.K, MT = (M + 15) / 16;
   thread_local std::vector<uint32_t> xt;
@@ -376,23 +397,26 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   const uint32_t* xtp = xt.data();  // thread_local: the workers must read this thread's copy
   at::Tensor out = at::empty({M, N}, x.options());
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t ntiles = (N + 15) / 16;  // about four chunks per thread
+  claim_chunks(ntiles, std::max<int64_t>(1, ntiles / (4 * at::get_num_threads())), [&](auto&& run) {
     load_full_tiles();
     alignas(64) float cbuf[4 * 256];
     std::vector<float> ds(16 * (K / 32)), ms(ds.size());
-    for (int64_t nt = lo; nt < hi; ++nt) {
-      const int64_t pf = nt + 1 < hi ? (nt + 1) * 16 : -1;
-      with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf, pf, ds.data(), ms.data()); });
-      // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]: transposed per group, rounded 16 at a time
-      const __mmask16 k = __mmask16((1u << std::min<int64_t>(16, N - nt * 16)) - 1);
-      for (int64_t mt = 0; mt < MT; ++mt) {
-        v16 t[16];
-        for (int r = 0; r < 16; ++r) t[r] = load16(cbuf + mt * 256 + r * 16);
-        transpose16(t);
-        for (int64_t c = 0; c < 16 && 16 * mt + c < M; ++c)
-          _mm256_mask_storeu_epi16(o + (16 * mt + c) * N + nt * 16, k, bits<__m256i>(to_bf16(t[c])));
+    run([&](int64_t lo, int64_t hi, int64_t then) {
+      for (int64_t nt = lo; nt < hi; ++nt) {
+        const int64_t pf = nt + 1 < hi ? (nt + 1) * 16 : then >= 0 ? then * 16 : -1;
+        with_rows<4>(MT, [&](auto R) { amx_rows<R()>(w, xtp, nt * 16, N, cbuf, pf, ds.data(), ms.data()); });
+        // cbuf[mt][r][c] = y[16 mt + c][16 nt + r]: transposed per group, rounded 16 at a time
+        const __mmask16 k = __mmask16((1u << std::min<int64_t>(16, N - nt * 16)) - 1);
+        for (int64_t mt = 0; mt < MT; ++mt) {
+          v16 t[16];
+          for (int r = 0; r < 16; ++r) t[r] = load16(cbuf + mt * 256 + r * 16);
+          transpose16(t);
+          for (int64_t c = 0; c < 16 && 16 * mt + c < M; ++c)
+            _mm256_mask_storeu_epi16(o + (16 * mt + c) * N + nt * 16, k, bits<__m256i>(to_bf16(t[c])));
+        }
       }
-    }
+    });
     _tile_release();
   });
   return out;
@@ -480,11 +504,14 @@ at::Tensor q8_linear_amx(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   const uint32_t *xh = xth.data(), *xl = xtl.data();  // thread_local: captured by pointer
   at::Tensor out = at::empty({M, N}, xf.options());
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t lo_t, int64_t hi_t) {
+  const int64_t strips = (N + 15) / 16;  // about eight chunks per thread
+  claim_chunks(strips, std::max<int64_t>(1, strips / (8 * at::get_num_threads())), [&](auto&& run) {
     load_full_tiles();
     std::vector<uint16_t> a(16 * K);
     std::vector<float> dsc(K / 32 * 16);
-    for (int64_t nt = lo_t; nt < hi_t; ++nt) amx_q8_strip(w, xh, xl, M, nt * 16, N, a.data(), dsc.data(), o);
+    run([&](int64_t lo, int64_t hi, int64_t) {
+      for (int64_t nt = lo; nt < hi; ++nt) amx_q8_strip(w, xh, xl, M, nt * 16, N, a.data(), dsc.data(), o);
+    });
     _tile_release();
   });
   return out;

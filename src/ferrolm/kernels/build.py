@@ -42,7 +42,7 @@ SOURCES = [
         "decoder.cpp",
     )
 ]
-HEADERS = [HERE / f for f in ("simd.h", "ops.h", "attention_common.h", "attention_decode.h")]
+HEADERS = [HERE / f for f in ("simd.h", "ops.h", "claim.h", "attention_common.h", "attention_decode.h")]
 
 
 # -fopenmp: at::parallel_for is inline and runs serially without it; the extension then

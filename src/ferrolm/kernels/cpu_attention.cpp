@@ -10,9 +10,9 @@
 // folds per-token scales into the scores (K) and the probabilities (V), and keeps an
 // online softmax; query heads sharing the kv head share every conversion. The shared types
 // and row loads are in attention_common.h, the decode path's kernel in attention_decode.h.
-#include <atomic>
 
 #include "attention_common.h"
+#include "claim.h"
 #include "ops.h"
 
 namespace {
@@ -383,19 +383,14 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_data, const c10::o
   if (nsplit == 1) {
     // Items from a shared counter, not fixed halves: items of equal size still take unequal
     // time from memory (fp8 at 16 x 2048: one thread idled ~13% of the step at the barrier).
-    // Each item writes its own rows, so the result does not depend on which thread ran it.
     // A worker claims its next item before it runs the current one, whose last blocks then
     // prefetch the next one's first rows (run_decode).
-    std::atomic<int64_t> next{0};
-    const int64_t n_items = (int64_t)items.size();
-    at::parallel_for(0, std::min<int64_t>(threads, n_items), 1, [&](int64_t, int64_t) {
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n_items;) {
-        const int64_t j = next.fetch_add(1, std::memory_order_relaxed);
+    claim_chunks((int64_t)items.size(), 1, threads, [&](auto&& run) {
+      run([&](int64_t i, int64_t, int64_t then) {
         Item it = items[i];
-        if (j < n_items) it.next = &items[j];
+        if (then >= 0) it.next = &items[then];
         run_item(it, 1, qp, op, K, V, tables, nblk, qs, cl, H, G, D, bs, sc, nullptr, qx);
-        i = j;
-      }
+      });
     });
     return rotate_rows(out, D, rot_after).to(q_in.scalar_type());
   }

@@ -1,9 +1,9 @@
 // GGUF weights as shipped: Q4_0 / Q4_1 and Q8_0 linear layers (see models/quant_linear.py).
 #include "simd.h"
+#include "claim.h"
 #include "ops.h"
 
 #include <sys/syscall.h>
-#include <atomic>
 #include <type_traits>
 #include <unistd.h>
 
@@ -370,26 +370,6 @@ void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float*
   if constexpr (MT > 3) _tile_stored(3, cbuf + 768, 64);
 }
 
-// [0, n) in contiguous chunks claimed from a shared counter: with_thread(run) once per thread,
-// run(body) calls body(lo, hi, then) for each chunk the thread claims, `then` the first index
-// of its next chunk (claimed before this one runs, so its rows can be asked for; -1: none).
-// Ends balance where a fixed half per thread left one thread idle while the other finished
-// (the VM's two vCPUs do not run equally fast).
-template <class F>
-void claim_chunks(int64_t n, int64_t chunk, F&& with_thread) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    with_thread([&](auto&& body) {
-      for (int64_t lo = next.fetch_add(chunk, std::memory_order_relaxed); lo < n;) {
-        const int64_t then = next.fetch_add(chunk, std::memory_order_relaxed);
-        body(lo, std::min(n, lo + chunk), then < n ? then : -1);
-        lo = then;
-      }
-    });
-  });
-}
-
 at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   const int64_t M = x.size(0), K = w.K, MT = (M + 15) / 16;
   thread_local std::vector<uint32_t> xt;
@@ -398,7 +378,8 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   at::Tensor out = at::empty({M, N}, x.options());
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
   const int64_t ntiles = (N + 15) / 16;  // about four chunks per thread
-  claim_chunks(ntiles, std::max<int64_t>(1, ntiles / (4 * at::get_num_threads())), [&](auto&& run) {
+  const int64_t threads = at::get_num_threads();
+  claim_chunks(ntiles, std::max<int64_t>(1, ntiles / (4 * threads)), threads, [&](auto&& run) {
     load_full_tiles();
     alignas(64) float cbuf[4 * 256];
     std::vector<float> ds(16 * (K / 32)), ms(ds.size());
@@ -505,7 +486,8 @@ at::Tensor q8_linear_amx(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   at::Tensor out = at::empty({M, N}, xf.options());
   float* o = out.data_ptr<float>();
   const int64_t strips = (N + 15) / 16;  // about eight chunks per thread
-  claim_chunks(strips, std::max<int64_t>(1, strips / (8 * at::get_num_threads())), [&](auto&& run) {
+  const int64_t threads = at::get_num_threads();
+  claim_chunks(strips, std::max<int64_t>(1, strips / (8 * threads)), threads, [&](auto&& run) {
     load_full_tiles();
     std::vector<uint16_t> a(16 * K);
     std::vector<float> dsc(K / 32 * 16);

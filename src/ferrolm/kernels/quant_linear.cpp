@@ -296,7 +296,7 @@ void prepare_xt(const uint16_t* x, int64_t M, int64_t K, int64_t MT, std::vector
 // the hardware prefetcher did not keep up with (the code loads waited on memory; 16 x 2048
 // int4 decode: the Q4 linears 30% of the step).
 // The tile's scales and minima are converted to fp32 once per tile (ds, ms: [16][nb]), so a
-// block's dequantization (block_bf16) takes its d and m as plain floats: per row and block the
+// block's dequantization (block_bf16_pair) takes its d and m as plain floats: per row and block the
 // index arithmetic and scalar fp16 conversions of Q4Rows::block (16 of its ~25 ops, half of
 // them on the vector ports) go. A tile's rows are consecutive, so their scales are one run of
 // rows * nb values, converted 16 at a time (row by row, with a masked tail per row, the
@@ -311,19 +311,29 @@ inline void tile_scales(const Q4Rows& w, int64_t n0, int64_t N, float* ds, float
   }
 }
 
-// A Q4_1 block (16 code bytes, scale d, minimum m) -> its 32 weights as bf16, from a table
-// of the block's 16 values: bf16(d c + m) for c = 0..15 (one FMA and one rounding, the same
-// fp32 value and rounding as widening every code), looked up per weight by one word permute
-// (the codes widened to words, the high nibbles shifted down; a permute reads an index's low
-// five bits, so the table is repeated in both halves). 7 vector ops where converting each
-// code took 9: the 16-row Q4 linears 0.91x the time in-process (0.94x at 8 rows, 0.97x at 64).
-inline __m512i block_bf16(const uint8_t* p, float d, float m) {
+// Two rows' Q4_1 blocks (16 code bytes, scale d, minimum m each) -> their 32 weights each as
+// bf16, from one table of 32: bf16(d c + m) for c = 0..15, row r's in the low half and row
+// r + 1's in the high half (one FMA per row and one two-source rounding: the same fp32 value
+// and rounding as widening every code), looked up per weight by one word permute (the codes
+// widened to words, the high nibbles shifted down, masked to 4 bits and OR-ed with the row's
+// half bit: a permute reads an index's low five bits). Per row about 6 vector ops, 2.5 of them
+// on the shuffle port, where a table per row (duplicated into both halves) took 7 with 4 there:
+// the 30 layers' Q4 linears at 16 rows 0.948x the time, 0.956x at 8, 0.996x at 64 (in-process,
+// alternating, bit-equal outputs). The first AMX version, converting each code, took 9.
+inline void block_bf16_pair(const uint8_t* p0, const uint8_t* p1, float d0, float m0, float d1, float m1,
+                            uint16_t* out0, uint16_t* out1) {
   const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m256i t = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(lane, _mm512_set1_ps(d), _mm512_set1_ps(m)));
-  const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);
-  const __m512i c = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(lane, _mm512_set1_ps(d1), _mm512_set1_ps(m1)),
+                                                     _mm512_fmadd_ps(lane, _mm512_set1_ps(d0), _mm512_set1_ps(m0)));
   const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);  // high nibbles: weights 16-31
-  return _mm512_permutexvar_epi16(_mm512_srlv_epi16(c, shift), table);
+  const __m512i low4 = _mm512_set1_epi16(15);
+  const __m512i c0 = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))));
+  const __m512i c1 = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p1))));
+  const __m512i i0 = _mm512_and_si512(_mm512_srlv_epi16(c0, shift), low4);
+  // ((c >> s) & 15) | 16: 0xEA = (A & B) | C
+  const __m512i i1 = _mm512_ternarylogic_epi32(_mm512_srlv_epi16(c1, shift), low4, _mm512_set1_epi16(16), 0xEA);
+  _mm512_store_si512(out0, _mm512_permutexvar_epi16(i0, table));
+  _mm512_store_si512(out1, _mm512_permutexvar_epi16(i1, table));
 }
 
 template <int MT>
@@ -342,10 +352,11 @@ void amx_rows(const Q4Rows& w, const uint32_t* xt, int64_t n0, int64_t N, float*
     if (pf >= 0)
       for (int64_t r = kb * 16 / nb; r < (kb + 1) * 16 / nb; ++r)
         if (pf + r < N) w.prefetch(pf + r);
-    for (int r = 0; r < 16; ++r) {
-      const __m512i row = r < rows ? block_bf16(codes + r * (w.K / 2) + kb * 16, ds[r * nb + kb], ms[r * nb + kb])
-                                   : _mm512_setzero_si512();
-      _mm512_store_si512(a + r * 32, row);
+    // rows past N (a last, partial tile) repeat its last row: their products are not stored
+    for (int r = 0; r < 16; r += 2) {
+      const int r0 = std::min(r, rows - 1), r1 = std::min(r + 1, rows - 1);
+      block_bf16_pair(codes + r0 * (w.K / 2) + kb * 16, codes + r1 * (w.K / 2) + kb * 16, ds[r0 * nb + kb],
+                      ms[r0 * nb + kb], ds[r1 * nb + kb], ms[r1 * nb + kb], a + r * 32, a + (r + 1) * 32);
     }
     _tile_loadd(4, a, 64);
     const uint32_t* b = xt + kb * MT * 256;

@@ -31,6 +31,12 @@ class Tokenizer:
         """chat_template: `--chat-template` (overrides the model's); family_template: the
         built-in used when the model's files carry none."""
         self.hf = hf_tokenizer
+        # A fast tokenizer's own decode, where the wrapper would add nothing to it (no clean-up
+        # of spaces): the wrapper's argument handling took ~6.6 us a call against ~2.3, and
+        # the detokenizer calls decode twice per generated token.
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        cleans = getattr(hf_tokenizer, "clean_up_tokenization_spaces", False)
+        self._fast_decode = backend.decode if backend is not None and not cleans else None
         eos = set(extra_eos_ids or [])
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))
@@ -71,6 +77,8 @@ class Tokenizer:
         return list(self.hf(text)["input_ids"])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:

@@ -152,6 +152,23 @@ def test_incremental_detokenizer_never_splits_characters(tiny_model_dir):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_fast_decode_equals_the_wrappers_decode(tiny_model_dir):
+    """The tokenizer's own decode (the wrapper's argument handling skipped) gives the
+    wrapper's text for every span, special tokens kept or skipped; a tokenizer that cleans
+    up spaces keeps the wrapper's decode."""
+    from ferrolm.tokenizer import Tokenizer
+
+    tok = make_engine(tiny_model_dir).tokenizer
+    assert tok._fast_decode is not None
+    ids = tok.encode("naïve café — 日本語, don't stop 🙂") + sorted(tok.eos_token_ids)
+    for a in range(len(ids)):
+        for b in range(a, len(ids) + 1):
+            for skip in (True, False):
+                assert tok.decode(ids[a:b], skip) == tok.hf.decode(ids[a:b], skip_special_tokens=skip)
+    tok.hf.clean_up_tokenization_spaces = True
+    assert Tokenizer(tok.hf)._fast_decode is None
+
+
 def test_stop_strings_are_cut_and_not_included(tiny_model_dir):
     eng = make_engine(tiny_model_dir)
     free_run = run_all(

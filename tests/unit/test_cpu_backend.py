@@ -302,3 +302,47 @@ def test_a_failed_build_names_the_compilers_first_error():
     log = "[1/4] c++ ...\n/k/quant_linear.cpp:380:29: error: no match for 'operator-'\nninja: build stopped: subcommand failed."
     assert _first_error(log) == "/k/quant_linear.cpp:380:29: error: no match for 'operator-'"
     assert _first_error("ninja: build stopped") == "ninja: build stopped"
+
+
+@pytest.mark.parametrize("case", ["subnormal codes", "large queries", "large value scales"])
+def test_fp8_decode_reads_every_code_exactly(case):
+    """The decode path reads fp8 E4M3 rows by bit placement (values times 2^-120): subnormal
+    codes keep their exact values (here the scores and outputs come from them alone); an
+    item whose queries reach 256, and a chunk whose value scales reach 256, are read the
+    fp16 way instead. Each equals the torch reference."""
+    g = torch.Generator().manual_seed(0)
+    B, L, KVH, H, D, bs = 3, 40, 2, 6, 64, 16
+    k = torch.randn(B, L + 1, KVH, D, generator=g)
+    v = torch.randn(B, L + 1, KVH, D, generator=g)
+    q = torch.randn(B, H, D, generator=g)
+    rotation = "auto"
+    if case == "subnormal codes":  # one large element per row, the others below 2^-6 of its scale
+        rotation = "off"  # (a rotation would spread the large one)
+        k[..., 1:] *= 0.01
+        v[..., 1:] *= 0.01
+        k[..., 0] = v[..., 0] = 1000.0
+        q *= 50.0  # scores of a few units (max |q| < 256: the keys read by bit placement)
+        q[..., 0] = 0.0  # the scores see the small elements only
+    elif case == "large queries":
+        q *= 400.0
+    else:  # sequence 1's values (every chunk of it) and one token of sequence 2's
+        v[1] *= 1e6
+        v[2, 5] *= 1e6
+    spec = KvSpec.build(1, KvCacheDtype.FP8, rotation=rotation)
+    nblk = -(-(L + 1) // bs)
+    tables = [list(range(b * nblk, (b + 1) * nblk)) for b in range(B)]
+    outs = []
+    for backend in (TorchBackend(), CpuBackend()):
+        pool = KvPool(spec, 1, KVH, D, num_blocks=B * nblk, block_size=bs, staging_rows=1)
+        meta = AttentionMetadata.build(tables, [0] * B, [L] * B, bs)
+        kv = (k[:, :L].reshape(-1, KVH, D), v[:, :L].reshape(-1, KVH, D))
+        paged_attention(torch.zeros(B * L, H, D), *kv, 0, pool, meta, D**-0.5, backend)
+        meta = AttentionMetadata.build(tables, [L] * B, [1] * B, bs)
+        outs.append(paged_attention(q, k[:, L], v[:, L], 0, pool, meta, D**-0.5, backend))
+        if case == "subnormal codes":
+            codes = pool.keys[0].data.view(torch.uint8)
+            assert ((codes & 0x78 == 0) & (codes & 0x07 != 0)).sum() > 1000
+    ref, out = (o.view(B, H, D) for o in outs)
+    if case == "subnormal codes":  # the outputs' small elements, from subnormal values alone
+        ref, out = ref[..., 1:], out[..., 1:]
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())

@@ -19,6 +19,11 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   constexpr int D = 16 * NC;
   const bool k_lut = KF == ANY ? K.fmt == LUT4 : KF == LUT4;
   const bool v_lut = VF == ANY ? V.fmt == LUT4 : VF == LUT4;
+  // fp8 E4M3 rows by bit placement, in pair order (e4m3_row_pairs): keys where the queries
+  // times 2^120 stay finite (k_e4m3, decided per item), values always in pair order (a chunk
+  // whose scales are too large for 2^120 converts them the fp16 way: v_e4m3_fast)
+  constexpr bool k_e4 = E4M3_PAIRS && KF == E4M3 && NC % 2 == 0;
+  constexpr bool v_e4 = E4M3_PAIRS && VF == E4M3 && NC % 2 == 0;
   const int b = it.seq;
   const int64_t tok0 = q_start[b] + it.q0;
   const int64_t n_new = q_start[b + 1] - q_start[b];
@@ -45,9 +50,25 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
                                 : load16(q + qrow + 16 * c);
     if (qx & QX_ROTATE_Q) fwht_regs<NC>(qv[r]);
     if (qx & QX_ROUND_Q) round_fixed<NC>(qv[r]);
+  }
+  bool k_e4m3 = false;  // this item's keys by bit placement: its queries times 2^120
+  if constexpr (k_e4) {
+    v16 mx{};
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < NC; ++c) {
+        const v16 a = qv[r][c] < 0.0f ? -qv[r][c] : qv[r][c];
+        mx = mx > a ? mx : a;
+      }
+    k_e4m3 = hmax(mx) < 256.0f;  // false for a NaN
+    if (k_e4m3)
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < NC; ++c) qv[r][c] *= TWO_POW_120;
+  }
+  const float kscale = k_e4m3 ? scale / K.factor : scale;  // the keys' factor (256) not in their values
+  for (int r = 0; r < R; ++r) {
     if constexpr (i4_dots)
       if (int_dots) fq4[r] = fixed_query4<NC>(qv[r], K.gsize);  // before nibble order
-    if (k_lut)
+    if (k_lut || k_e4m3)
       for (int s = 0; s < NC / 2; ++s) {
         const v16 a = qv[r][2 * s], b2 = qv[r][2 * s + 1];
         qv[r][2 * s] = __builtin_shufflevector(a, b2, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -96,6 +117,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     const char* vpf = reinterpret_cast<const char*>(V.data) + (pf_head * V.slots + pf_slot) * vrow;
     v16 sc[R][CHUNK], vm[CHUNK], vg[CHUNK][VG];
     int ns[CHUNK];
+    bool v_e4m3_fast = v_e4;  // this chunk's values by bit placement
     int used = 0;  // tiles of the chunk holding keys at or before pos
     // Scores, tile by tile: per key, its row converted once, dotted with the R queries.
     for (int u = 0; u < nt; ++u) {
@@ -125,7 +147,10 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         for (int j = 0; j < n; ++j) {
           if (off + j < pf_rows) prefetch_row(kpf, off + j, krow);
           v16 kc[NC];
-          load_as<NC, KF>(K, kbase + j * krow, kgs ? kgs + j * K.groups : nullptr, kc);
+          if (k_e4 && k_e4m3)
+            e4m3_row_pairs<NC>(kbase + j * krow, kc);
+          else
+            load_as<NC, KF>(K, kbase + j * krow, kgs ? kgs + j * K.groups : nullptr, kc);
           for (int r = 0; r < R; ++r) {
             v16 d = qv[r][0] * kc[0];
             for (int c = 1; c < NC; ++c) d += qv[r][c] * kc[c];
@@ -137,7 +162,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
           raw[r] = reduce16(part_dot[r]);
         }
       }
-      const v16 km = token_scales(K, head, slot, n) * scale;
+      const v16 km = token_scales(K, head, slot, n) * kscale;
       for (int r = 0; r < R; ++r) {
         v16 s = raw[r] * km;
         s = lane < (float)n ? s : splat(-INFINITY);
@@ -145,6 +170,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         sc[r][u] = s;
       }
       vm[u] = token_scales(V, head, slot, n);
+      if constexpr (v_e4) v_e4m3_fast &= all_less(vm[u], 256.0f * V.factor);  // the scales < 256
       if (off < pf_rows) {  // the tile's scales pf_ahead blocks on (a line or two)
         const int64_t ps = pf_slot + off;
         if (K.scale) prefetch_bytes(reinterpret_cast<const char*>(K.scale + (pf_head * K.slots + ps) * K.groups), 2 * TILE * K.groups);
@@ -165,6 +191,8 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       m_new[r] = m[r] = std::max(m[r], hmax(mx));
     }
     const v16 corr = m_old == splat(-INFINITY) ? v16{} : vexp(m_old - m_new);
+    if (v_e4m3_fast)  // the probabilities times 2^120 (the scales carry the format's 256 already)
+      for (int u = 0; u < used; ++u) vm[u] *= TWO_POW_120 / V.factor;
     alignas(64) float p[R][VG][CHUNK * TILE];  // [.][g]: times value group g's scales (v_fold)
     for (int r = 0; r < R; ++r) {
       v16 sum = lsum[r] * corr[r];
@@ -205,7 +233,14 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       for (int j = 0; j < ns[u]; ++j) {
         if ((ti + u) * TILE + j < pf_rows) prefetch_row(vpf, (ti + u) * TILE + j, vrow);
         v16 vc[NC];
-        load_as<NC, VF>(V, vbase + j * vrow, vgs ? vgs + j * V.groups : nullptr, vc);
+        if constexpr (v_e4) {
+          if (v_e4m3_fast)
+            e4m3_row_pairs<NC>(vbase + j * vrow, vc);
+          else
+            e4m3_row_pairs_256<NC>(vbase + j * vrow, vc);
+        } else {
+          load_as<NC, VF>(V, vbase + j * vrow, vgs ? vgs + j * V.groups : nullptr, vc);
+        }
         for (int r = 0; r < R; ++r) {
           const float pj = p[r][0][u * TILE + j];
           for (int c = 0; c < NC; ++c) a[r][c] += pj * vc[c];
@@ -220,7 +255,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   }
   for (int r = 0; r < R; ++r) {
     const float l = hsum(lsum[r]);
-    if (v_lut)  // back from nibble order
+    if (v_lut || v_e4)  // back from nibble (pair) order
       for (int s = 0; s < NC / 2; ++s) {
         const v16 ev = acc[r][2 * s], od = acc[r][2 * s + 1];
         acc[r][2 * s] = __builtin_shufflevector(ev, od, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);

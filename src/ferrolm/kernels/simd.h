@@ -58,6 +58,16 @@ inline float hsum(v16 v) {
 }
 
 inline v8 vmax8(v8 a, v8 b) { return a > b ? a : b; }
+// Every lane < x (false where a lane is NaN).
+inline bool all_less(v16 v, float x) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(bits<__m512>(v), _mm512_set1_ps(x), _CMP_LT_OQ) == 0xFFFF;
+#else
+  for (int i = 0; i < 16; ++i)
+    if (!(v[i] < x)) return false;
+  return true;
+#endif
+}
 inline float hmax(v16 v) {
   v8 a = vmax8(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));

@@ -60,7 +60,8 @@ def test_q8_0_head_is_lossless_and_matches_the_dense_head(K):
     assert torch.equal(w.dequantize(), torch.from_numpy(np.asarray(ref, dtype=np.float32)))
     head = Q8Linear(w)
     dense = w.dequantize().double()
-    for rows in (1, 5, 9, 20, 33, 64, 70):  # GEMV, AMX (where built: 16-row tiles), 64-row chunks
+    # GEMV, AMX (where built: x's two parts in one tile up to 8 rows, 16-row tiles), 64-row chunks
+    for rows in (1, 5, 8, 9, 20, 33, 64, 70):
         x = torch.randn(rows, K)
         exact = x.double() @ dense.t()
         # The AMX path carries x as two bf16 parts (16 significant bits) with exact weights:

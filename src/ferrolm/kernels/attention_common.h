@@ -232,10 +232,8 @@ __attribute__((always_inline)) inline void e4m3_row_pairs(const uint8_t* row, v1
 template <int NC>
 inline void e4m3_row_pairs_256(const uint8_t* row, v16* x) {
   for (int s = 0; s < NC / 2; ++s) {
-    v16 lo, hi;
-    from_e4m3_x2(row + 32 * s, lo, hi);
-    x[2 * s] = __builtin_shufflevector(lo, hi, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    x[2 * s + 1] = __builtin_shufflevector(lo, hi, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    from_e4m3_x2(row + 32 * s, x[2 * s], x[2 * s + 1]);
+    to_pairs(x[2 * s], x[2 * s + 1]);
   }
 }
 
@@ -356,12 +354,7 @@ inline float pow2(int e) {  // 2^e for -126 <= e <= 127
 // The fixed-point exponent e of a query row held in NC registers (query_exponent of its max |q|).
 template <int NC>
 inline int row_exponent(const v16* x) {
-  v16 m = v16{};
-  for (int c = 0; c < NC; ++c) {
-    const v16 a = x[c] < 0.0f ? -x[c] : x[c];
-    m = m > a ? m : a;
-  }
-  return query_exponent(hmax(m));
+  return query_exponent(hmax(abs_max<NC>(x)));
 }
 
 // One query row in NC registers -> round(q / 2^e) * 2^e (kv/fixed_point.py), 16 lanes at a

@@ -54,11 +54,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   bool k_e4m3 = false;  // this item's keys by bit placement: its queries times 2^120
   if constexpr (k_e4) {
     v16 mx{};
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < NC; ++c) {
-        const v16 a = qv[r][c] < 0.0f ? -qv[r][c] : qv[r][c];
-        mx = mx > a ? mx : a;
-      }
+    for (int r = 0; r < R; ++r) mx = abs_max<NC>(qv[r], mx);
     k_e4m3 = hmax(mx) < 256.0f;  // false for a NaN
     if (k_e4m3)
       for (int r = 0; r < R; ++r)
@@ -69,11 +65,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
     if constexpr (i4_dots)
       if (int_dots) fq4[r] = fixed_query4<NC>(qv[r], K.gsize);  // before nibble order
     if (k_lut || k_e4m3)
-      for (int s = 0; s < NC / 2; ++s) {
-        const v16 a = qv[r][2 * s], b2 = qv[r][2 * s + 1];
-        qv[r][2 * s] = __builtin_shufflevector(a, b2, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        qv[r][2 * s + 1] = __builtin_shufflevector(a, b2, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-      }
+      for (int s = 0; s < NC / 2; ++s) to_pairs(qv[r][2 * s], qv[r][2 * s + 1]);
     for (int c = 0; c < NC; ++c) acc[r][c] = v16{};
     m[r] = -INFINITY;
     lsum[r] = v16{};
@@ -256,11 +248,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   for (int r = 0; r < R; ++r) {
     const float l = hsum(lsum[r]);
     if (v_lut || v_e4)  // back from nibble (pair) order
-      for (int s = 0; s < NC / 2; ++s) {
-        const v16 ev = acc[r][2 * s], od = acc[r][2 * s + 1];
-        acc[r][2 * s] = __builtin_shufflevector(ev, od, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        acc[r][2 * s + 1] = __builtin_shufflevector(ev, od, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-      }
+      for (int s = 0; s < NC / 2; ++s) from_pairs(acc[r][2 * s], acc[r][2 * s + 1]);
     if (part) {  // rotated back (QX_ROTATE_OUT) after the merge
       part->m[r] = m[r];
       part->l[r] = l;

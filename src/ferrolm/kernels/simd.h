@@ -58,6 +58,27 @@ inline float hsum(v16 v) {
 }
 
 inline v8 vmax8(v8 a, v8 b) { return a > b ? a : b; }
+// 32 consecutive values (a: 0..15, b: 16..31) <-> pair order (a: the even ones, b: the odd
+// ones), the order in which 4-bit and fp8 decode rows come out of their conversions.
+inline void to_pairs(v16& a, v16& b) {
+  const v16 x = a, y = b;
+  a = __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  b = __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+inline void from_pairs(v16& ev, v16& od) {
+  const v16 x = ev, y = od;
+  ev = __builtin_shufflevector(x, y, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  od = __builtin_shufflevector(x, y, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+}
+// The lane-wise maximum of m and |x[c]| over a row of NC vectors.
+template <int NC>
+inline v16 abs_max(const v16* x, v16 m = v16{}) {
+  for (int c = 0; c < NC; ++c) {
+    const v16 a = x[c] < 0.0f ? -x[c] : x[c];
+    m = m > a ? m : a;
+  }
+  return m;
+}
 // Every lane < x (false where a lane is NaN).
 inline bool all_less(v16 v, float x) {
 #if defined(__AVX512F__)

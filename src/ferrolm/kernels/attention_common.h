@@ -127,7 +127,24 @@ inline void prefetch_bytes(const char* p, int64_t bytes) {
 // (perf: a quarter of the kernel's samples on its prefetches): spread over both loops, fp8
 // at 16 x 2,048 0.89x the time, fp16 0.97x, int8 0.98x (in-process A/B, alternating calls).
 constexpr int64_t PF_KEYS = 128;
-inline void prefetch_row(const char* base, int64_t row, int64_t bytes) { prefetch_bytes(base + row * bytes, bytes); }
+// ROW > 0: the row's bytes known at compile time (the decode path's own format pairs): its
+// one or two prefetches unrolled instead of a loop per key (fp8 at 16 x 2,048 0.973x the
+// kernel's time, int4 0.993x, fp16 0.995x from memory; 0.96-0.98x cache-resident).
+template <int64_t ROW = 0>
+inline void prefetch_row(const char* base, int64_t row, int64_t bytes) {
+  if constexpr (ROW > 0)
+    prefetch_bytes(base + row * ROW, ROW);
+  else
+    prefetch_bytes(base + row * bytes, bytes);
+}
+// Bytes of a D-dim row of format F where F is known at compile time (0: known at run time).
+constexpr int64_t row_bytes(int F, int D) {
+  return F == F32                              ? 4 * D
+         : F == F16 || F == BF16               ? 2 * D
+         : F == I8 || F == E4M3 || F == E5M2 ? D
+         : F == LUT4                           ? D / 2
+                                               : 0;
+}
 inline void prefetch_tile(const Half& h, int64_t head, int64_t slot, int n, int D) {
   const int64_t dd = h.fmt == LUT4 || h.fmt == PC4 ? D / 2 : D;
   const char* p = reinterpret_cast<const char*>(h.data + (head * h.slots + slot) * dd * h.elem);

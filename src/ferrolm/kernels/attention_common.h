@@ -127,17 +127,11 @@ inline void prefetch_bytes(const char* p, int64_t bytes) {
 // (perf: a quarter of the kernel's samples on its prefetches): spread over both loops, fp8
 // at 16 x 2,048 0.89x the time, fp16 0.97x, int8 0.98x (in-process A/B, alternating calls).
 constexpr int64_t PF_KEYS = 128;
-// ROW > 0: the row's bytes known at compile time (the decode path's own format pairs): its
-// one or two prefetches unrolled instead of a loop per key (fp8 at 16 x 2,048 0.973x the
-// kernel's time, int4 0.993x, fp16 0.995x from memory; 0.96-0.98x cache-resident).
-template <int64_t ROW = 0>
-inline void prefetch_row(const char* base, int64_t row, int64_t bytes) {
-  if constexpr (ROW > 0)
-    prefetch_bytes(base + row * ROW, ROW);
-  else
-    prefetch_bytes(base + row * bytes, bytes);
-}
+inline void prefetch_row(const char* base, int64_t row, int64_t bytes) { prefetch_bytes(base + row * bytes, bytes); }
 // Bytes of a D-dim row of format F where F is known at compile time (0: known at run time).
+// The decode path's rows of its own format pairs: with a constant byte count a row's one or
+// two prefetches are unrolled instead of a loop per key (fp8 at 16 x 2,048 0.973x the
+// kernel's time, int4 0.993x, fp16 0.995x from memory; 0.96-0.98x cache-resident).
 constexpr int64_t row_bytes(int F, int D) {
   return F == F32                              ? 4 * D
          : F == F16 || F == BF16               ? 2 * D

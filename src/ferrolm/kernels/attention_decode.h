@@ -91,8 +91,10 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
   // PREFETCH_TILES ahead, as the general path does (pbi, pti: that tile).
   const int64_t pf_cover = bi + pf_ahead;
   const int64_t blocks = (t_end + tiles_per_block - 1) / tiles_per_block;  // this item's last block + 1
-  const int64_t krow = kdd * K.elem, vrow = vdd * V.elem;  // bytes per key row
-  constexpr int64_t KROW = row_bytes(KF, D), VROW = row_bytes(VF, D);  // the same, 0 for ANY
+  // Bytes per key row: compile-time constants where the format pair is compiled in (a row's
+  // prefetches unrolled, addresses by shifts), the Halves' sizes for the ANY pairs.
+  constexpr int64_t KROW = row_bytes(KF, D), VROW = row_bytes(VF, D);
+  const int64_t krow = KROW > 0 ? KROW : kdd * K.elem, vrow = VROW > 0 ? VROW : vdd * V.elem;
   int64_t pbi = (t_begin + PREFETCH_TILES) / tiles_per_block, pti = (t_begin + PREFETCH_TILES) % tiles_per_block;
   for (int64_t t = t_begin; t < t_end;) {
     if (bi * bs + ti * TILE > pos) break;
@@ -138,7 +140,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       } else {
         v16 part_dot[R][TILE];
         for (int j = 0; j < n; ++j) {
-          if (off + j < pf_rows) prefetch_row<KROW>(kpf, off + j, krow);
+          if (off + j < pf_rows) prefetch_row(kpf, off + j, krow);
           v16 kc[NC];
           if (k_e4 && k_e4m3)
             e4m3_row_pairs<NC>(kbase + j * krow, kc);
@@ -211,7 +213,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       if (v_fold) {
         if constexpr (v_fold_code)
           for (int j = 0; j < ns[u]; ++j) {
-            if ((ti + u) * TILE + j < pf_rows) prefetch_row<VROW>(vpf, (ti + u) * TILE + j, vrow);
+            if ((ti + u) * TILE + j < pf_rows) prefetch_row(vpf, (ti + u) * TILE + j, vrow);
             v16 vc[NC];
             lut_codes<NC>(V, vbase + j * vdd, vc);
             for (int r = 0; r < R; ++r)
@@ -224,7 +226,7 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
         continue;
       }
       for (int j = 0; j < ns[u]; ++j) {
-        if ((ti + u) * TILE + j < pf_rows) prefetch_row<VROW>(vpf, (ti + u) * TILE + j, vrow);
+        if ((ti + u) * TILE + j < pf_rows) prefetch_row(vpf, (ti + u) * TILE + j, vrow);
         v16 vc[NC];
         if constexpr (v_e4) {
           if (v_e4m3_fast)

@@ -7,7 +7,7 @@ import torch
 from conftest import sotu_text
 from recording import run_recording_logits
 
-from ferrolm import LLM, SamplingParams
+from ferrolm import LLM
 
 pytestmark = pytest.mark.integration
 
@@ -54,15 +54,38 @@ def test_logits_and_greedy_ids_match_hf_past_the_window(llm, gemma_path):
     assert hf_ids.tolist() == ids
 
 
-@pytest.mark.parametrize("kv", ["int8", "fp8", "int4", "int8/int4"])
-def test_every_small_kv_format_generates_sense(gemma_path, kv):
-    """head_dim 256 and one KV head: the formats users saw break on Gemma in other engines."""
+@pytest.fixture(scope="module")
+def fp16_cache_logprobs(gemma_path):
+    return _prompt_logprobs(gemma_path, "fp16")
+
+
+def _prompt_logprobs(gemma_path, kv):
+    """Log-probs at every position of 256 tokens of real text, prefilled in 32-token chunks
+    (so that each chunk reads the cached prefix in its stored format), compute dtype auto."""
     from ferrolm.kv.spec import spec_flags
 
     flags = {k: v for k, v in spec_flags(kv).items() if v is not None}
-    llm = LLM(str(gemma_path), kv_cache_memory_gb=0.5, max_model_len=1024, **flags)
-    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8))
-    assert "France" in out[0].text or "Paris" in out[0].text, out[0].text
+    llm = LLM(str(gemma_path), kv_cache_memory_gb=0.5, max_model_len=1024, max_num_batched_tokens=32, **flags)
+    prompt = llm.tokenizer.encode(sotu_text())[:256]
+    [(_, logits)] = run_recording_logits(llm, [prompt], 1)
+    return torch.log_softmax(logits.float(), -1)[32:]  # past the first chunk
+
+
+# Measured (Zen 5, bf16 compute): agreement 0.98 / 0.95 / 0.79 / 0.93, mean KL 0.0009 /
+# 0.012 / 0.10 / 0.007. A broken format (scrambled codes, a wrong scale) agrees on next to
+# nothing. One greedy answer is no test of this: a base model's near-ties flip with the
+# machine's bf16 rounding (fp8 answered "the capital of the country. It is" on one CPU).
+@pytest.mark.parametrize(
+    "kv,min_agree,max_kl",
+    [("int8", 0.95, 0.005), ("fp8", 0.9, 0.03), ("int4", 0.7, 0.25), ("int8/int4", 0.85, 0.02)],
+)
+def test_every_small_kv_format_tracks_the_fp16_cache(gemma_path, fp16_cache_logprobs, kv, min_agree, max_kl):
+    """head_dim 256 and one KV head: the formats users saw break on Gemma in other engines.
+    Next-token agreement and mean KL against the fp16 cache, position by position."""
+    ref, lp = fp16_cache_logprobs, _prompt_logprobs(gemma_path, kv)
+    agree = (lp.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+    assert agree >= min_agree and kl <= max_kl, f"{kv}: agreement {agree:.3f}, mean KL {kl:.4f}"
 
 
 def test_chat_endpoint_answers_through_the_gemma_builtin_template(gemma_path):

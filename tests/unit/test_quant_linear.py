@@ -74,7 +74,7 @@ def test_q8_0_head_is_lossless_and_matches_the_dense_head(K):
 
 
 @pytest.mark.parametrize("K", [160, 224, 576, 1536])  # 5, 7, 18, 48 blocks: every partial quad
-@pytest.mark.parametrize("rows", [1, 3, 5, 16, 33, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 16, 33, 64])
 def test_bf16_activations_paths_round_once(K, rows):
     """bf16 x: the bf16-dot-product GEMV (few rows) is the exact product rounded once to bf16;
     the AMX path (more rows, where the CPU has it) multiplies weights rounded to bf16, as the

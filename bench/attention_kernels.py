@@ -22,11 +22,14 @@ import torch
 from ferrolm.attention import AttentionMetadata, CpuBackend, TorchBackend
 from ferrolm.kv.pool import KvPool
 from ferrolm.kv.spec import KvSpec
+from ferrolm.runtime import resolve_compute_dtype
 
 KVH, H, D = 3, 9, 64
 
 
-def time_attend(kv: str, B: int, L: int, backend, reps: int, layers: int, bs: int, scattered: bool) -> float:
+def time_attend(
+    kv: str, B: int, L: int, backend, reps: int, layers: int, bs: int, scattered: bool, qdt=torch.float32
+) -> float:
     """Median seconds of one layer's attend (each repeat runs all `layers` layers)."""
     per_seq = L // bs + 1
     nb = B * per_seq + 1
@@ -39,7 +42,7 @@ def time_attend(kv: str, B: int, L: int, backend, reps: int, layers: int, bs: in
     meta = AttentionMetadata.build(tables, [L] * B, [1] * B, bs)
     for layer in range(layers):
         backend.write(pool, layer, meta.slot_mapping, torch.randn(B, KVH, D), torch.randn(B, KVH, D))
-    q = torch.randn(B, H, D)
+    q = torch.randn(B, H, D).to(qdt)
     for _ in range(2):
         backend.attend(q, 0, pool, meta, D**-0.5)
     times = []
@@ -59,13 +62,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="layers per repeat (30: SmolLM2's)")
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--scattered", action="store_true", help="blocks in random order (a pool in use)")
+    ap.add_argument(
+        "--dtype", default="auto", help="the queries' dtype: the engine's compute dtype (auto, ...)"
+    )
     ap.add_argument("--no-reference", action="store_true", help="skip the torch backend (slow at 30 layers)")
     args = ap.parse_args()
     bs = args.block_size
+    qdt = resolve_compute_dtype(args.dtype)
     points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     print(
         f"threads {torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{args.layers} layers, blocks of {bs}, {'scattered' if args.scattered else 'in order'}"
+        f"queries {qdt}, {args.layers} layers, blocks of {bs}, {'scattered' if args.scattered else 'in order'}"
     )
     print("| KV | seqs | context | torch µs | compiled x torch | compiled µs | compiled x fp16 | GB/s |")
     print("|---|---|---|---|---|---|---|---|")
@@ -73,7 +80,7 @@ def main() -> None:
     for kv in args.kv_dtypes.split(","):
         spec = KvSpec.parse(kv, 1)
         for B, L in points:
-            run = (B, L, args.repeats, args.layers, bs, args.scattered)
+            run = (B, L, args.repeats, args.layers, bs, args.scattered, qdt)
             t_ref = float("nan") if args.no_reference else time_attend(kv, *run[:2], TorchBackend(), *run[2:])
             t_cpu = time_attend(kv, B, L, CpuBackend(), *run[2:])
             if kv == "fp16":

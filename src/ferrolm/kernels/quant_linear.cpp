@@ -154,7 +154,7 @@ inline void prepare_bf16_x(const uint16_t* x, int64_t M, int64_t K, Bf16X& px) {
     }
 }
 
-// Up to 16 rows of x share one pass over the codes. Per row and quad: four chained dot
+// Up to PASS rows of x share one pass over the codes. Per row and quad: four chained dot
 // products and one FMA by the blocks' d; the m-terms, (m - 128 d) . sum(x) over a row's
 // blocks, come after its quads, 16 blocks per FMA (they were one FMA per quad and row).
 template <int MB>

@@ -73,9 +73,10 @@ def _prompt_logprobs(gemma_path, kv):
 
 # Measured (Zen 5, bf16 compute): agreement 0.98 / 0.95 / 0.79 / 0.93, mean KL 0.0009 /
 # 0.012 / 0.10 / 0.007; fp32 compute (an AVX2-only CPU's auto; native and AVX2 kernels
-# alike): 0.996 / 0.946 / 0.759 / 0.946, KL 0.0007 / 0.012 / 0.11 / 0.007. A broken format (scrambled codes, a wrong scale) agrees on next to
-# nothing. One greedy answer is no test of this: a base model's near-ties flip with the
-# machine's bf16 rounding (fp8 answered "the capital of the country. It is" on one CPU).
+# alike): 0.996 / 0.946 / 0.759 / 0.946, KL 0.0007 / 0.012 / 0.11 / 0.007. A broken format
+# (scrambled codes, a wrong scale) agrees on next to nothing. One greedy answer is no test
+# of this: a base model's near-ties flip with the machine's bf16 rounding (fp8 answered
+# "the capital of the country. It is" on one CPU).
 @pytest.mark.parametrize(
     "kv,min_agree,max_kl",
     [("int8", 0.95, 0.005), ("fp8", 0.9, 0.03), ("int4", 0.7, 0.25), ("int8/int4", 0.85, 0.02)],

@@ -63,7 +63,10 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--scattered", action="store_true", help="blocks in random order (a pool in use)")
     ap.add_argument(
-        "--dtype", default="auto", help="the queries' dtype: the engine's compute dtype (auto, ...)"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the queries' dtype, as the engine's compute dtype (auto: bf16 where the CPU has it)",
     )
     ap.add_argument("--no-reference", action="store_true", help="skip the torch backend (slow at 30 layers)")
     args = ap.parse_args()

@@ -73,6 +73,56 @@ def test_q8_0_head_is_lossless_and_matches_the_dense_head(K):
         head.compiled = True
 
 
+def _q8_head(N: int, K: int, seed: int):
+    from ferrolm.models.quant_linear import Q8Linear, Q8Weight
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    scales = (torch.rand(N, K // 32, generator=g) * 0.01 + 1e-3).half()
+    return Q8Linear(Q8Weight(codes, scales))
+
+
+@pytest.mark.parametrize("K", [96, 576, 608])  # 3, 18 and 19 blocks: an odd last pair, scales past 16
+def test_q8_0_head_bf16_products_keep_each_rows_top_exact(K):
+    """bf16 compute's head (16 rows or more, AVX512-BF16 without AMX: x rounded to bf16, every
+    logit that could be its row's maximum recomputed from x; elsewhere the fp32 paths): each
+    logit within x's bf16 rounding of the exact product, each row's maximum x's exact product."""
+    N = 70  # four tiles of 16 output rows and a partial one
+    head = _q8_head(N, K, seed=K)
+    head.bf16_products = True
+    dense = head.q8.dequantize().double()
+    for rows in (1, 15, 16, 17, 33, 64, 70):
+        x = torch.randn(rows, K) * 3
+        exact = x.double() @ dense.t()
+        size = x.double().abs() @ dense.abs().t()
+        got = head(x).double()
+        assert ((got - exact).abs() <= (2.0**-8 + K * 2.0**-23) * size + 1e-6).all()
+        top = exact.argmax(-1, keepdim=True)
+        assert torch.equal(got.argmax(-1, keepdim=True), top)
+        assert ((got.gather(1, top) - exact.gather(1, top)).abs() <= K * 2.0**-23 * size.gather(1, top) + 1e-6).all()
+
+
+def test_q8_0_head_bf16_products_break_a_tie_of_the_rounded_x_exactly():
+    """Two logits that x rounded to bf16 makes equal (components 1 + 2^-9 and 1 + 2^-10 both
+    round to 1) come out as x's exact products, the larger one the row's maximum."""
+    from ferrolm.models.quant_linear import Q8Linear, Q8Weight
+
+    N, K = 40, 64
+    codes = torch.zeros(N, K, dtype=torch.int8)
+    codes[5, 2] = 100  # row 5 reads x[2], row 30 reads x[1]: equal in bf16, x[1] larger
+    codes[30, 1] = 100
+    head = Q8Linear(Q8Weight(codes, torch.full((N, K // 32), 0.01).half()))
+    head.bf16_products = True
+    x = torch.zeros(16, K)
+    x[:, 1], x[:, 2] = 1 + 2.0**-9, 1 + 2.0**-10
+    assert torch.equal(x.bfloat16()[:, 1], x.bfloat16()[:, 2])
+    got = head(x)
+    d = head.q8.scales[0, 0].float().item()
+    assert (got.argmax(-1) == 30).all()
+    assert torch.equal(got[:, 30], torch.full((16,), 100 * d * (1 + 2.0**-9)))
+    assert torch.equal(got[:, 5], torch.full((16,), 100 * d * (1 + 2.0**-10)))
+
+
 @pytest.mark.parametrize("K", [160, 224, 576, 1536])  # 5, 7, 18, 48 blocks: every partial quad
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 16, 33, 64])
 def test_bf16_activations_paths_round_once(K, rows):

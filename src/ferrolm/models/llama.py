@@ -292,4 +292,6 @@ class LlamaModel(nn.Module):
             self.get_parameter(name).data = value
         if dense_head and self.lm_head.weight.dtype != torch.float32:
             self.lm_head.weight = nn.Parameter(head, requires_grad=False)
+        if not dense_head:  # a Q8_0 head as shipped: bf16 products with its top rescored
+            self.lm_head.bf16_products = dtype == torch.bfloat16
         return self

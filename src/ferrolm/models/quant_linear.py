@@ -113,18 +113,25 @@ def q8_from_gguf(raw: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
 
 
 class Q8Linear(nn.Module):
-    """y = x W^T in fp32 (W kept as Q8_0): the output head of a GGUF that ships it so."""
+    """y = x W^T in fp32 (W kept as Q8_0): the output head of a GGUF that ships it so.
+
+    With `bf16_products` (set for bf16 compute), batches of 9 rows or more may run on x
+    rounded to bf16 where the CPU has AVX512-BF16, with every logit that could be its row's
+    maximum recomputed from x in fp32 (kernels/quant_linear.cpp, q8_linear_bf16): the top of
+    each row, and so greedy choices, are x's exact products; the rest lie within a bound of
+    about 2^-8 |w| . |x| of them."""
 
     def __init__(self, weight: Q8Weight) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.q8 = weight
         self.compiled = build.load()
+        self.bf16_products = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if self.compiled:
-            y = torch.ops.ferrolm_cpu.q8_linear(x2, self.q8.codes, self.q8.scales)
+            y = torch.ops.ferrolm_cpu.q8_linear(x2, self.q8.codes, self.q8.scales, self.bf16_products)
         else:
             y = x2.float() @ self.q8.dequantize().t()
         return y.view(*x.shape[:-1], self.out_features)

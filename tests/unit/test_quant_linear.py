@@ -128,9 +128,9 @@ def test_q8_0_head_bf16_products_break_a_tie_of_the_rounded_x_exactly():
 @pytest.mark.parametrize("K", [160, 224, 576, 1536])  # 5, 7, 18, 48 blocks: every partial quad
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 12, 16, 17, 33, 64, 65])
 def test_bf16_activations_paths_round_once(K, rows):
-    """bf16 x: the bf16-dot-product GEMV (up to 16 rows) is the exact product rounded once to
+    """bf16 x: the bf16-dot-product GEMV (up to 4 rows) is the exact product rounded once to
     bf16; the AMX path (more rows, where the CPU has it), the tiles of weights rounded to bf16
-    (17-64 rows, AVX512-BF16 without AMX) and the dense path multiply weights rounded to bf16
+    (5-64 rows, AVX512-BF16 without AMX) and the dense path multiply weights rounded to bf16
     and are that product rounded once. Either way within one bf16 step of
     one of the two exact references, for every tail of a quad of blocks and of a 16-row tile."""
     w = q4_from_gguf(_gguf_blocks("Q4_1", 37, K, seed=K + rows), "Q4_1", (37, K))

@@ -69,7 +69,9 @@ struct Q8Rows {
 // at ~4 GB/s, so each row asks for the row PREFETCH_ROWS ahead. Two accumulators per input
 // row halve the FMA dependency chains.
 constexpr int PREFETCH_ROWS = 4;
-constexpr int64_t AMX_MIN_ROWS = 4;  // above: AMX tiles (where built), below: the GEMV
+// Up to here the GEMVs over exact weights (bound by memory at so few rows); above, for bf16
+// x, tiles of weights rounded to bf16: AMX where built, else AVX512-BF16 dot products.
+constexpr int64_t GEMV_MAX_ROWS = 4;
 
 // Calls f(std::integral_constant<int, R>) for R = rows in 1..MAX (a compile-time row count
 // for the register-blocked kernels; above MAX, MAX).
@@ -154,7 +156,7 @@ inline void prepare_bf16_x(const uint16_t* x, int64_t M, int64_t K, Bf16X& px) {
     }
 }
 
-// Up to PASS rows of x share one pass over the codes. Per row and quad: four chained dot
+// Up to GEMV_MAX_ROWS rows of x share one pass over the codes. Per row and quad: four chained dot
 // products and one FMA by the blocks' d; the m-terms, (m - 128 d) . sum(x) over a row's
 // blocks, come after its quads, 16 blocks per FMA (they were one FMA per quad and row).
 template <int MB>
@@ -229,21 +231,20 @@ constexpr int64_t Q4_TILE_MAX_ROWS = 64;  // q4_linear_tiles up to here (see the
 constexpr int64_t Q8_BF16_MIN_ROWS = 16;  // q8_linear: x rounded to bf16 from here on (see there)
 constexpr int64_t Q8_BF16_MAX_K = 4096;  // (the error bound's 2^-13 covers this many terms)
 constexpr float Q8_BF16_ERR = 128.0f * (1.0f / 256 + 1.0f / 8192);  // per |d| and block sum|x| (q8_linear_bf16)
-constexpr int PASS = 8;  // rows per pass over the codes (16 in one pass spilled: 1.05-1.33x the time)
+constexpr int PASS = 8;  // rows of x per pass over a tile (16 spilled registers: 1.05-1.33x the time)
+// bf16 x of up to GEMV_MAX_ROWS rows.
 at::Tensor q4_linear_bf16(const at::Tensor& x, const Q4Rows& w, int64_t N) {
-  const int64_t M = x.size(0), K = w.K, nb = K / 32, quads = (nb + 3) / 4, groups = (nb + 15) / 16;
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M <= GEMV_MAX_ROWS, "the bf16 GEMV takes a few rows");
   thread_local Bf16X px;
-  prepare_bf16_x(static_cast<const uint16_t*>(x.data_ptr()), M, K, px);
+  prepare_bf16_x(static_cast<const uint16_t*>(x.data_ptr()), M, w.K, px);
   at::Tensor out = at::empty({M, N}, x.options());
-  for (int64_t m0 = 0; m0 < M; m0 += PASS) {
-    const int64_t mb = std::min<int64_t>(PASS, M - m0);
-    const uint16_t* xs = px.xs.data() + m0 * quads * 128;
-    const float* sx = px.sx.data() + m0 * groups * 16;
-    c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + m0 * N;
-    at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
-      with_rows<PASS>(mb, [&](auto R) { gemv_q4_bf16_rows<R()>(w, xs, sx, lo, hi, o, N); });
-    });
-  }
+  const uint16_t* xs = px.xs.data();
+  const float* sx = px.sx.data();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N, 32, [&](int64_t lo, int64_t hi) {
+    with_rows<GEMV_MAX_ROWS>(M, [&](auto R) { gemv_q4_bf16_rows<R()>(w, xs, sx, lo, hi, o, N); });
+  });
   return out;
 }
 
@@ -475,16 +476,19 @@ inline void block_bf16_pair(const uint8_t* p0, const uint8_t* p1, float d0, floa
 }
 
 
-// Q4 x bf16 for 17-64 rows without AMX: per tile of 16 output rows the weights are rounded
-// to bf16 once, as the dense path's scratch rounds them (block_bf16_pair), into a buffer that
-// stays in L1/L2, and every pass of 8 rows of x runs plain bf16 dot products against it, two
-// output rows per load of x (x as it is: a pair of k's per lane on both sides). No scratch
-// matrix, no packing, no second pass over the weights. On the Zen 5 VM (in-process A/B,
-// alternating) the 30 layers' 4-bit linears took 0.55x the dequantize-and-GEMM path's time at
-// 17 rows, 0.65x at 32, 0.75-0.84x at 64, 0.97x at 96 (so: up to Q4_TILE_MAX_ROWS); engine
-// decode steps, fp16 cache: 0.74x at 32 x 32, 0.79x at 64 x 32. At 8-16 rows it beat the
-// exact GEMV too (0.64-0.84x), which keeps those rows: rounding the weights to bf16 is the
-// dense path's precision, not the GEMV's.
+// Q4 x bf16 for 5-64 rows without AMX: per tile of 16 output rows the weights are rounded
+// to bf16 once, as the dense path's scratch rounds them (block_bf16_pair) and as the AMX path
+// does, into a buffer that stays in L1/L2, and every pass of 8 rows of x runs plain bf16 dot
+// products against it, two output rows per load of x (x as it is: a pair of k's per lane on
+// both sides). No scratch matrix, no packing, no second pass over the weights, no per-block
+// scale FMA. On the Zen 5 VM (in-process A/B, alternating), the 30 layers' 4-bit linears:
+// against the dequantize-and-GEMM path 0.55x the time at 17 rows, 0.65x at 32, 0.75-0.84x
+// at 64, 0.97x at 96 (so up to Q4_TILE_MAX_ROWS); against the exact GEMV (which keeps 1-4
+// rows, where the tiles took 1.2-1.7x its time) 0.91-1.0x at 5-6 rows, 0.73x at 8, 0.67x at
+// 16. Engine decode steps, fp16 cache: 0.82x at 8 x 32, 0.71x at 16 x 32, 0.74x at 32 x 32,
+// 0.79x at 64 x 32; int8 16 x 2048 0.86x. The weights' rounding (the precision every path
+// above 4 rows had on AMX, and above 16 rows here): on 512 tokens of the SOTU excerpt in
+// 16-token chunks, mean KL to fp32 compute 0.000253 against the exact GEMV's 0.000216.
 template <int MB>
 void q4_tile_gemm_rows(const uint16_t* tile, int rows, int64_t K, const uint16_t* x, c10::BFloat16* out, int64_t N) {
   v16 sums[MB][TILE];
@@ -885,11 +889,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const Q4Rows w{qweight.data_ptr<uint8_t>(), static_cast<const c10::Half*>(scales.data_ptr()),
                  static_cast<const c10::Half*>(mins.data_ptr()), K};
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  if (M > AMX_MIN_ROWS && M <= 64 && x.scalar_type() == at::kBFloat16 && amx_ready())
+  if (M > GEMV_MAX_ROWS && M <= 64 && x.scalar_type() == at::kBFloat16 && amx_ready())
     return q4_linear_amx(x.contiguous(), w, N);
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (M <= 16 && x.scalar_type() == at::kBFloat16) return q4_linear_bf16(x.contiguous(), w, N);
+  if (M <= GEMV_MAX_ROWS && x.scalar_type() == at::kBFloat16) return q4_linear_bf16(x.contiguous(), w, N);
   if (M <= Q4_TILE_MAX_ROWS && x.scalar_type() == at::kBFloat16) return q4_linear_tiles(x.contiguous(), w, N);
 #endif
   if (M <= 8) return gemv(x.to(at::kFloat).contiguous(), w, N).to(x.scalar_type());
@@ -940,9 +944,9 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(K % 32 == 0 && codes.size(1) == K, "K must be a multiple of 32 matching the weight");
   const Q8Rows w{codes.data_ptr<int8_t>(), static_cast<const c10::Half*>(scales.data_ptr()), K};
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  bool amx = false;  // AMX tiles (where built) above AMX_MIN_ROWS
+  bool amx = false;  // AMX tiles (where built) above GEMV_MAX_ROWS
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  amx = xf.size(0) > AMX_MIN_ROWS && amx_ready();
+  amx = xf.size(0) > GEMV_MAX_ROWS && amx_ready();
   if (amx) {
     if (xf.size(0) <= 64) return q8_linear_amx(xf, w, N);
     std::vector<at::Tensor> parts;

@@ -4,8 +4,10 @@ A Q4_1 block of 32 weights is (d, m, 32 codes q in 0..15) with w = d q + m; Q4_0
 w = d (q - 8), i.e. m = -8 d. Both are held as codes packed two per byte, plus fp16 d
 and m per block (0.5625-0.625 bytes per weight instead of 4), and multiplied by the
 compiled kernel (kernels/quant_linear.cpp: q4_linear), which dequantizes exactly as
-GGUF does and accumulates in fp32 (a fused GEMV for up to 8 rows; above, dequantize
-into a reused matrix and the dense GEMM, because the CPU's own bf16 matmuls win there).
+GGUF does and accumulates in fp32: a fused GEMV over the exact weights for a few rows; for
+more rows of bf16 x, tiles of the weights rounded to bf16 (AMX, or AVX512-BF16 dot
+products, up to 64 rows); above that, or for fp32 x, dequantize into a reused matrix and
+the dense GEMM.
 Without the compiled kernels the layer dequantizes
 on every call (correct, slow).
 """
@@ -115,7 +117,7 @@ def q8_from_gguf(raw: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
 class Q8Linear(nn.Module):
     """y = x W^T in fp32 (W kept as Q8_0): the output head of a GGUF that ships it so.
 
-    With `bf16_products` (set for bf16 compute), batches of 9 rows or more may run on x
+    With `bf16_products` (set for bf16 compute), batches of 16 rows or more may run on x
     rounded to bf16 where the CPU has AVX512-BF16, with every logit that could be its row's
     maximum recomputed from x in fp32 (kernels/quant_linear.cpp, q8_linear_bf16): the top of
     each row, and so greedy choices, are x's exact products; the rest lie within a bound of

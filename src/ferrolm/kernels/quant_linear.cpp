@@ -944,10 +944,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   TORCH_CHECK(K % 32 == 0 && codes.size(1) == K, "K must be a multiple of 32 matching the weight");
   const Q8Rows w{codes.data_ptr<int8_t>(), static_cast<const c10::Half*>(scales.data_ptr()), K};
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  bool amx = false;  // AMX tiles (where built) above GEMV_MAX_ROWS
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  amx = xf.size(0) > GEMV_MAX_ROWS && amx_ready();
-  if (amx) {
+  if (xf.size(0) > GEMV_MAX_ROWS && amx_ready()) {
     if (xf.size(0) <= 64) return q8_linear_amx(xf, w, N);
     std::vector<at::Tensor> parts;
     for (int64_t m0 = 0; m0 < xf.size(0); m0 += 64)
@@ -956,11 +954,10 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   }
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-  if (bf16_products && xf.size(0) >= Q8_BF16_MIN_ROWS && K <= Q8_BF16_MAX_K) {
-    return q8_linear_bf16(xf, w, N);
-  }
+  if (bf16_products && xf.size(0) >= Q8_BF16_MIN_ROWS && K <= Q8_BF16_MAX_K) return q8_linear_bf16(xf, w, N);
+#else
+  (void)bf16_products;
 #endif
-  (void)amx;
   return gemv(xf, w, N);
 }
 

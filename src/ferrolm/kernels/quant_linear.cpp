@@ -368,26 +368,15 @@ void q8_tile_rows(const Q8Rows& w, int64_t m0, int64_t n0, int rows, Q8Pair* til
   }
 }
 
-// x's exact (fp32) product with row n of the head.
-inline float q8_dot(const Q8Rows& w, int64_t n, const float* x) {
-  v16 acc{}, acc2{};
-  for (int64_t b = 0; b < w.K / 32; ++b) {
-    v16 w0, w1;
-    w.block(n, b, w0, w1);
-    acc += w0 * load16(x + b * 32);
-    acc2 += w1 * load16(x + b * 32 + 16);
-  }
-  return hsum(acc + acc2);
-}
-
 // fp32 x [M, K] -> fp32 [M, N] by products over x rounded to bf16. Each logit lies within
-// e_n = sum over its blocks of 128 |d_b| S_b (2^-8 + 2^-13) + 1e-6 of x's exact product: |w| <=
-// 128 |d| in a block, S_b its sum|x|, bf16 rounding x by 2^-8 relative at most, 2^-13 for
-// both fp32 accumulations (a lane of either sums at most K / 16 + 6 terms in sequence: for K
-// <= 4096 under 2^-15 of sum|w x| each), the absolute term for inputs flushed as denormals. The row's maximum is then at least floor = max(y_n - e_n), and every logit with
-// y_n + e_n >= floor is recomputed from x in fp32: the row's maximum, and any logit that could
-// be it, is x's exact product (on the default model's hidden states: 2 such logits per row,
-// 23 at most).
+// e_n = sum over its blocks of 128 |d_b| S_b (2^-8 + 2^-13) + 1e-6 of x's exact product:
+// |w| <= 128 |d| in a block, S_b its sum|x|, bf16 rounding x by 2^-8 relative at most,
+// 2^-13 for both fp32 accumulations (a lane of either sums at most K / 16 + 6 terms in
+// sequence: for K <= 4096 under 2^-15 of sum|w x| each), the absolute term for inputs
+// flushed as denormals. The row's maximum is then at least floor = max(y_n - e_n), and every
+// logit with y_n + e_n >= floor is recomputed from x in fp32 (the fp32 GEMV's row): the
+// row's maximum, and any logit that could be it, is x's exact product (on the default
+// model's hidden states: 2 such logits per row, 23 at most).
 at::Tensor q8_linear_bf16(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   const int64_t M = xf.size(0), K = w.K, nb = K / 32, pairs = (nb + 1) / 2, tiles = (N + TILE - 1) / TILE;
   const float* x = xf.data_ptr<float>();
@@ -431,9 +420,10 @@ at::Tensor q8_linear_bf16(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
     for (int64_t m = 0; m < M; ++m) floor[m] = std::max(floor[m], ht.floor[m]);
   for (const HeadTop& ht : tops)
     for (const HeadTop::Cand& c : ht.cand)
-      if (o[c.m * N + c.n] + c.e >= floor[c.m]) o[c.m * N + c.n] = q8_dot(w, c.n, x + c.m * K);
+      if (o[c.m * N + c.n] + c.e >= floor[c.m]) gemv_rows<1>(w, x + c.m * K, c.n, c.n + 1, o + c.m * N, N);
   return out;
 }
+
 // The tile's scales and minima are converted to fp32 once per tile (ds, ms: [16][nb]), so a
 // block's dequantization (block_bf16_pair) takes its d and m as plain floats: per row and block the
 // index arithmetic and scalar fp16 conversions of Q4Rows::block (16 of its ~25 ops, half of
@@ -474,7 +464,6 @@ inline void block_bf16_pair(const uint8_t* p0, const uint8_t* p1, float d0, floa
   _mm512_store_si512(out0, _mm512_permutexvar_epi16(i0, table));
   _mm512_store_si512(out1, _mm512_permutexvar_epi16(i1, table));
 }
-
 
 // Q4 x bf16 for 5-64 rows without AMX: per tile of 16 output rows the weights are rounded
 // to bf16 once, as the dense path's scratch rounds them (block_bf16_pair) and as the AMX path
@@ -538,6 +527,8 @@ at::Tensor q4_linear_tiles(const at::Tensor& x, const Q4Rows& w, int64_t N) {
       const int rows = int(std::min<int64_t>(TILE, N - n0));
       tile_scales(w, n0, N, ds.data(), ms.data());
       const uint8_t* codes = w.qw + n0 * (K / 2);
+      // Row pairs outer, blocks inner: block-outer through tile_block_bf16 (the AMX tiles'
+      // order, given a row stride) gave bit-equal outputs at 1.01-1.045x the time (8-64 rows).
       for (int r = 0; r < rows; r += 2) {
         const int r1 = std::min(r + 1, rows - 1);
         if (n0 + TILE + r < N) w.prefetch(n0 + TILE + r);

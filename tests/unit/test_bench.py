@@ -50,6 +50,10 @@ def test_bench_tiny_configuration_with_hf_baseline(tiny_model_dir, tmp_path):
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["tpot_s"] > 0
         if r["engine"] == "ferrolm":
             assert r["x_hf"] > 0 and r["x_fp16"] > 0
+    by = {(r["kv_dtype"], r["concurrency"]): r for r in data["results"] if r["engine"] == "ferrolm"}
+    for c in (1, 2):  # int8/int4 ran in turns with fp16: its ratio is that of its paired runs
+        assert by[("int8/int4", c)]["x_fp16"] == by[("int8/int4", c)]["paired_x_fp16"]
+        assert by[("fp16", c)]["x_fp16"] == 1.0 and "paired_x_fp16" not in by[("fp16", c)]
     grid = {(g["kv_dtype"], g["concurrency"], g["context"]): g for g in data["decode_grid"]}
     assert set(grid) == {(d, c, n) for d in ("fp16", "int8/int4") for c in (1, 3) for n in (8, 16)}
     assert all(g["tokens_per_s"] > 0 and g["x_fp16"] > 0 for g in grid.values())

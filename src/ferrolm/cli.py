@@ -358,10 +358,18 @@ def _baselines(text: str) -> tuple[str, ...]:
     "fp16's (more steps: steadier medians on a noisy machine).",
 )
 @bench_option(
-    "--repeats", type=int, default=3, show_default=True, help="Repeats per point (medians reported)."
+    "--repeats",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Repeats per point (medians reported); each KV spec's run takes turns, step by step, with fp16's.",
 )
 @bench_option(
-    "--kv-cache-memory-gb", type=float, default=1.0, show_default=True, help="KV cache budget in GiB."
+    "--kv-cache-memory-gb",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="KV cache budget in GiB, per engine (two are alive at a time: a spec's and fp16's, in turns).",
 )
 @bench_option(
     "--baseline",

@@ -273,13 +273,13 @@ def _ferrolm_runs(cfg: BenchConfig, text: str, say) -> list[dict]:
     gave ratios off by as much. Without fp16 in the specs, each runs alone."""
     runs: dict[tuple[str, int], list[dict]] = {}
     ratios: dict[tuple[str, int], list[float]] = {}
-    with_base = "fp16" in cfg.kv_dtypes
-    others = [kv for kv in cfg.kv_dtypes if kv != "fp16"] or ["fp16"]
+    others = [kv for kv in cfg.kv_dtypes if kv != "fp16"]
+    paired = "fp16" in cfg.kv_dtypes and bool(others)
     prompts = None  # the peers' prompts: the first c of them at concurrency c
     for c in cfg.concurrency:
-        base = _ferrolm_engine(cfg, "fp16") if with_base and others != ["fp16"] else None
+        base = _ferrolm_engine(cfg, "fp16") if paired else None
         for r in range(cfg.repeats):
-            for kv in others:
+            for kv in others if paired else cfg.kv_dtypes:
                 say(
                     f"ferrolm kv={kv} concurrency={c} ({r + 1}/{cfg.repeats})"
                     + (", in turns with fp16" if base else "")

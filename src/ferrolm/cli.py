@@ -362,14 +362,14 @@ def _baselines(text: str) -> tuple[str, ...]:
     type=int,
     default=3,
     show_default=True,
-    help="Repeats per point (medians reported); each KV spec's run takes turns, step by step, with fp16's.",
+    help="Repeats per point (medians reported); with fp16 among the specs, each other spec's run takes turns with fp16's, step by step.",
 )
 @bench_option(
     "--kv-cache-memory-gb",
     type=float,
     default=1.0,
     show_default=True,
-    help="KV cache budget in GiB, per engine (two are alive at a time: a spec's and fp16's, in turns).",
+    help="KV cache budget in GiB, per engine (with fp16 among the specs two are alive at a time: a spec's and fp16's).",
 )
 @bench_option(
     "--baseline",

@@ -128,15 +128,17 @@ void run_decode(const Item& it, int nsplit, const float* q, float* out, const Ha
       const int n = (int)std::min<int64_t>({(int64_t)TILE, bs - off, keys - key0});
       const int64_t slot = block_slot + off;
       const uint8_t* kbase = K.data + (head * K.slots + slot) * krow;
-      // The integer dots ask for the tile's key rows pf_ahead blocks on a line per dword of
-      // the transposed tile (the other paths per key below).
-      const int pf_lines = off < pf_rows ? (int)((std::min<int64_t>(TILE, pf_rows - off) * krow + 63) / 64) : 0;
       const c10::Half* kgs = k_lut ? K.scale + (head * K.slots + slot) * K.groups : nullptr;
       v16 raw[R];  // q . k of the tile's keys, per head, before the per-token scales
       if (int_dots) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        if constexpr (i8_dots) int8_scores<NC, R>(kbase, n, fq, raw, kpf + off * krow, pf_lines);
-        if constexpr (i4_dots) int4_scores<NC, R>(kbase, n, kgs, (int)K.groups, K.gsize, fq4, raw, kpf + off * krow, pf_lines);
+        // The tile's key rows pf_ahead blocks on, a line per dword of the transposed tile
+        // (the other paths ask per key below).
+        const int pf_lines = off < pf_rows ? (int)((std::min<int64_t>(TILE, pf_rows - off) * krow + 63) / 64) : 0;
+        const char* kpf_tile = kpf + off * krow;
+        if constexpr (i8_dots) int8_scores<NC, R>(kbase, n, fq, raw, kpf_tile, pf_lines);
+        if constexpr (i4_dots)
+          int4_scores<NC, R>(kbase, n, kgs, (int)K.groups, K.gsize, fq4, raw, kpf_tile, pf_lines);
 #endif
       } else {
         v16 part_dot[R][TILE];

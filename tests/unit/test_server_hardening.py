@@ -176,7 +176,10 @@ def test_oversized_body_gets_413_fast_while_health_answers(server):
     head = ["POST /v1/completions HTTP/1.1", "Host: x", "Content-Type: application/json"]
     t = time.perf_counter()
     s = _raw_request(port, [*head, f"Content-Length: {20 * 2**20}"], b'{"model": "tiny", "prompt": "')
-    assert _status(s) == 413 and time.perf_counter() - t < 0.1
+    # Bounds of 1 s: a server that waited for the body (never sent) or read it on the event
+    # loop would not answer before the client's 5 s timeouts; 0.1 s failed once at 0.107 on
+    # a fresh clone on a loaded 2-core VM.
+    assert _status(s) == 413 and time.perf_counter() - t < 1.0
     s.close()
     # No Content-Length: counted as it streams; /health answers while the upload trickles in.
     s = _raw_request(port, [*head, "Transfer-Encoding: chunked"])
@@ -184,7 +187,7 @@ def test_oversized_body_gets_413_fast_while_health_answers(server):
     for _ in range(4):
         s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
         t = time.perf_counter()
-        assert httpx.get(url + "/health").status_code == 200 and time.perf_counter() - t < 0.1
+        assert httpx.get(url + "/health").status_code == 200 and time.perf_counter() - t < 1.0
     for _ in range(16):
         try:
             s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))

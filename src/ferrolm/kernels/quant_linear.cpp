@@ -738,7 +738,7 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
   const uint32_t* xtp = xt.data();  // thread_local: the workers must read this thread's copy
   at::Tensor out = at::empty({M, N}, x.options());
   c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
-  const int64_t ntiles = (N + 15) / 16;  // about four chunks per thread
+  const int64_t ntiles = (N + 15) / 16;  // chunks of at most a quarter of a thread's share, then shrinking, of 2+ tiles (pairs)
   const int64_t threads = at::get_num_threads();
   claim_chunks(ntiles, std::max<int64_t>(1, ntiles / (4 * threads)), threads, [&](auto&& run) {
     load_full_tiles();
@@ -768,7 +768,7 @@ at::Tensor q4_linear_amx(const at::Tensor& x, const Q4Rows& w, int64_t N) {
       }
     });
     _tile_release();
-  });
+  }, 2);
   return out;
 }
 // The Q8_0 head for 5-64 rows with AMX, fp32 in and out: the codes are exact in bf16 and
@@ -875,7 +875,7 @@ at::Tensor q8_linear_amx(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   const uint32_t *xh = xth.data(), *xl = stacked ? nullptr : xtl.data();  // thread_local: captured by pointer
   at::Tensor out = at::empty({M, N}, xf.options());
   float* o = out.data_ptr<float>();
-  const int64_t strips = (N + 15) / 16;  // about eight chunks per thread
+  const int64_t strips = (N + 15) / 16;  // chunks of at most an eighth of a thread's share, then shrinking
   const int64_t threads = at::get_num_threads();
   claim_chunks(strips, std::max<int64_t>(1, strips / (8 * threads)), threads, [&](auto&& run) {
     load_full_tiles();

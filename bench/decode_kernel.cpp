@@ -1,5 +1,6 @@
 // One core's cost per key of the decode kernel (kernels/attention_decode.h), per KV format,
-// with its cache in L2 and streamed from memory, in one process: what a format's conversions
+// with its cache held in the core's caches (one sequence, called again and again: in L2 up
+// to ~2,048 keys of fp16 on a 2 MiB L2) and streamed from memory, in one process: what a format's conversions
 // and dot products cost apart from the memory they save. SmolLM2-135M's shapes (head dim 64,
 // three query heads per kv head), one sequence of `context` keys in blocks of 128, one
 // thread, no Python and no parallel region; "memory" walks `copies` such sequences (far
@@ -24,7 +25,7 @@ using namespace ferrolm_attention;
 namespace {
 constexpr int D = 64, BS = 128, KVH = 3, R = 3, H = KVH * R;
 
-// Zeroed memory in 2 MiB huge pages where the kernel gives them, as the engine's pool
+// Memory in 2 MiB huge pages where the kernel gives them, as the engine's pool
 // (kv/host_memory.py): with 4 KiB pages every scattered block is a TLB miss.
 template <class T>
 struct HugeAlloc {
@@ -133,6 +134,7 @@ extern "C" double BENCH_FN(int fmt, int context, int copies, int reps) {
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <vector>
 
 extern "C" double bench_a(int, int, int, int);
@@ -143,9 +145,10 @@ extern "C" double bench_b(int, int, int, int);
 namespace {
 struct Format {
   const char* name;
-  int code;  // attention_common.h's Fmt
+  int code;        // attention_common.h's Fmt
+  int key_bytes;   // one key's K and V rows with their scales, per kv head
 };
-constexpr Format FORMATS[] = {{"fp16", 1}, {"int8", 3}, {"int4", 6}, {"fp8", 4}};
+constexpr Format FORMATS[] = {{"fp16", 1, 256}, {"int8", 3, 132}, {"int4", 6, 72}, {"fp8", 4, 132}};
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -156,13 +159,16 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   int context = 2048, rounds = 5;
   const char* only = nullptr;
+  const char* usage = "options: --context N (>= 128), --rounds N (>= 1), --format fp16|int8|int4|fp8\n";
+  if (argc % 2 == 0) return fputs(usage, stderr), 2;  // an option without its value
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--context")) context = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--rounds")) rounds = atoi(argv[i + 1]);
     else if (!strcmp(argv[i], "--format")) only = argv[i + 1];
-    else return fprintf(stderr, "unknown option %s\n", argv[i]), 2;
+    else return fprintf(stderr, "unknown option %s; %s", argv[i], usage), 2;
   }
-  if (context < 128 || rounds < 1) return fprintf(stderr, "--context >= 128, --rounds >= 1\n"), 2;
+  const bool known = !only || std::any_of(std::begin(FORMATS), std::end(FORMATS), [&](const Format& f) { return !strcmp(f.name, only); });
+  if (context < 128 || rounds < 1 || !known) return fputs(usage, stderr), 2;
   // From memory: 1 GB of fp16 cache, 290 MB of int4's (past this VM's 105 MB L3); the same
   // number of sequences for every format.
   const int copies = std::max(2, (int)(1e9 / (3.0 * context * 256)));
@@ -171,7 +177,8 @@ int main(int argc, char** argv) {
   printf("one thread, context %d, head dim 64, 3 heads per kv head, blocks of 128; ns per key (K and V row),\n"
          "medians of %d rounds; memory: %d sequences' caches walked in turn\n\n",
          context, rounds, copies);
-  printf("| KV | in L2 | from memory | memory / L2 | x fp16 (L2) | x fp16 (memory) |\n|---|---|---|---|---|---|\n");
+  printf("| KV | one sequence MB | cached ns | from memory ns | memory / cached | x fp16 (cached) | x fp16 (memory) |\n"
+         "|---|---|---|---|---|---|---|\n");
   double fp16_cache = 0, fp16_mem = 0;
   for (const Format& f : FORMATS) {
     if (only && strcmp(only, f.name) && strcmp(f.name, "fp16")) continue;
@@ -182,7 +189,8 @@ int main(int argc, char** argv) {
     }
     const double mc = median(c), mm = median(m);
     if (f.code == 1) fp16_cache = mc, fp16_mem = mm;
-    printf("| %s | %.1f | %.1f | %.2f | %.2f | %.2f |\n", f.name, mc, mm, mm / mc, fp16_cache / mc, fp16_mem / mm);
+    printf("| %s | %.2f | %.1f | %.1f | %.2f | %.2f | %.2f |\n", f.name, 3e-6 * context * f.key_bytes, mc, mm, mm / mc,
+           fp16_cache / mc, fp16_mem / mm);
   }
 #else
   printf("one thread, context %d; B / A per round, A and B alternating (A: this tree's kernels, B: the other)\n\n",
@@ -199,7 +207,7 @@ int main(int argc, char** argv) {
         else x = bench_a(f.code, context, n, reps), y = bench_b(f.code, context, n, reps);
         a.push_back(x), b.push_back(y), ratio.push_back(y / x);
       }
-      printf("| %s | %s | %.1f | %.1f | %.3f | %.3f | %.3f |\n", f.name, n == 1 ? "L2" : "memory", median(a),
+      printf("| %s | %s | %.1f | %.1f | %.3f | %.3f | %.3f |\n", f.name, n == 1 ? "cached" : "memory", median(a),
              median(b), median(ratio), *std::min_element(ratio.begin(), ratio.end()),
              *std::max_element(ratio.begin(), ratio.end()));
     }

@@ -323,31 +323,32 @@ inline v16 token_scales(const Half& h, int64_t head, int64_t slot, int n) {
 }
 
 // The group scales of n <= 16 consecutive keys (`groups` fp16 per key, keys contiguous from
-// gs) as one vector per group, lanes past n zero: for a whole tile one or two loads and a word
-// permute per group instead of 16 scalar conversions per group. Two groups (int4 at head dim
-// 64, keys and values alike, per tile): one load, one permute and two conversions, where the
-// general form's per-group index vectors, multiply and mask took ~18 ops: int4 16 x 2048
-// 0.961-0.970x the kernel's time (in-process A/B, alternating, bit-equal outputs).
+// gs) as one vector per group, lanes past n zero. A whole tile of one group is one load and a
+// conversion; of 2 or 4 groups, one word permute per pair of groups (key j's scale of group g
+// at groups j + g: group 2p to the low half, 2p + 1 to the high one) and two conversions, where
+// 16 scalar conversions per group took far longer and a permute per group with its index
+// arithmetic ~18 ops for two groups (int4 at head dim 64, keys and values alike, per tile:
+// 16 x 2048 0.961-0.970x the kernel's time, in-process A/B, alternating, bit-equal outputs).
 inline void group_scales(const c10::Half* gs, int n, int groups, v16* out) {
 #if defined(__AVX512BW__)
-  if (n == TILE && groups == 2) {  // key j's scales at 2j, 2j + 1: the evens to the low half, the odds high
-    const __m512i split = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24,
-                                           22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i h = _mm512_permutexvar_epi16(split, _mm512_loadu_si512(gs));
-    out[0] = bits<v16>(_mm512_cvtph_ps(_mm512_castsi512_si256(h)));
-    out[1] = bits<v16>(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)));
+  if (n == TILE && groups == 1) {
+    out[0] = bits<v16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gs))));
     return;
   }
-  if (n == TILE && (groups == 1 || groups == 4)) {
-    const __m512i a = groups == 4 ? _mm512_loadu_si512(gs)  // masked: no read past the tile's scales
-                                  : _mm512_maskz_loadu_epi16((__mmask32)((1ull << (16 * groups)) - 1), gs);
-    const __m512i b = groups == 4 ? _mm512_loadu_si512(gs + 32) : a;
-    const __m512i key = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 14, 13, 12, 11, 10, 9,
-                                         8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i first = _mm512_mullo_epi16(key, _mm512_set1_epi16((short)groups));
-    for (int g = 0; g < groups; ++g) {
-      const __m512i h = _mm512_permutex2var_epi16(a, _mm512_add_epi16(first, _mm512_set1_epi16((short)g)), b);
+  if (n == TILE && (groups == 2 || groups == 4)) {
+    // lane l: key l % 16's scale of group l / 16 (of the first pair)
+    const __m512i two = _mm512_set_epi16(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1, 30, 28, 26, 24, 22,
+                                         20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i four = _mm512_set_epi16(61, 57, 53, 49, 45, 41, 37, 33, 29, 25, 21, 17, 13, 9, 5, 1, 60, 56, 52, 48,
+                                          44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i a = _mm512_loadu_si512(gs);
+    for (int g = 0; g < groups; g += 2) {
+      // two groups: one source (a one-uop permute; the two-source form is three)
+      const __m512i h = groups == 2 ? _mm512_permutexvar_epi16(two, a)
+                                    : _mm512_permutex2var_epi16(a, _mm512_add_epi16(four, _mm512_set1_epi16((short)g)),
+                                                                _mm512_loadu_si512(gs + 32));
       out[g] = bits<v16>(_mm512_cvtph_ps(_mm512_castsi512_si256(h)));
+      out[g + 1] = bits<v16>(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)));
     }
     return;
   }

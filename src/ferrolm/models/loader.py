@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ferrolm.models.families import family_for_gguf
+from ferrolm.models.gguf_file import read_gguf_file
 from ferrolm.models.llama import LlamaConfig, LlamaModel
 from ferrolm.models.quant_linear import Q4Linear, Q4Weight, Q8Linear, Q8Weight, q4_from_gguf, q8_from_gguf
 
@@ -124,13 +125,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[str, torch.Tensor | Q4Weight]]:
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
-    # Token lists and merges are large and read by the tokenizer, not here.
-    meta = {
-        k: _field_value(f)
-        for k, f in reader.fields.items()
-        if not k.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))
-    }
+    meta, gguf_tensors = read_gguf_file(path)
     arch = meta.get("general.architecture")
     try:
         fam = family_for_gguf(arch)
@@ -143,8 +138,8 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
     heads = m("attention.head_count")
     hidden = m("embedding_length")
     tensors: dict[str, torch.Tensor | Q4Weight | Q8Weight] = {}
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    for t in reader.tensors:
+    has_output = any(t.name == "output.weight" for t in gguf_tensors)
+    for t in gguf_tensors:
         shape = tuple(int(s) for s in reversed(t.shape))
         kind = t.tensor_type.name
         if keep_quant and kind in KEPT_QUANT and t.name.startswith("blk.") and len(shape) == 2:
@@ -205,13 +200,6 @@ def read_gguf(path: Path, keep_quant: bool = False) -> tuple[LlamaConfig, dict[s
             )
         weights[f"layers.{layer}.{names[part]}.{kind}"] = w
     return cfg, weights
-
-
-def _field_value(field: Any) -> Any:
-    try:
-        return field.contents()
-    except Exception:  # a field the reader cannot decode is not one we need
-        return None
 
 
 # --- safetensors ---------------------------------------------------------------

@@ -94,9 +94,8 @@ def default_model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def hf_default_model(default_model_path):
-    """HF transformers on the same GGUF weights: the correctness oracle."""
-    from transformers import AutoModelForCausalLM
+    """HF transformers on the same GGUF weights, the correctness oracle (kept between runs:
+    hf_oracle.py)."""
+    from hf_oracle import hf_model_from_gguf
 
-    return AutoModelForCausalLM.from_pretrained(
-        default_model_path.parent, gguf_file=default_model_path.name, dtype=torch.float32
-    ).eval()
+    return hf_model_from_gguf(default_model_path)

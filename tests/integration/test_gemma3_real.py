@@ -38,11 +38,9 @@ def test_logits_and_greedy_ids_match_hf_past_the_window(llm, gemma_path):
     """A 900-token prompt (local layers see only their last 512 keys, and have dropped the
     blocks before them: 128-token blocks 0 and 1 once 768 tokens are computed) and 8 decode
     steps."""
-    from transformers import AutoModelForCausalLM
+    from hf_oracle import hf_model_from_gguf
 
-    hf = AutoModelForCausalLM.from_pretrained(
-        gemma_path.parent, gguf_file=gemma_path.name, dtype=torch.float32
-    ).eval()
+    hf = hf_model_from_gguf(gemma_path)
     prompt = llm.tokenizer.encode(sotu_text())[:900]
     [(ids, logits)] = run_recording_logits(llm, [prompt], 8)
     with torch.no_grad():

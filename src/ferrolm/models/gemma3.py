@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferrolm.attention import PagedAttention, StepContext
-from ferrolm.models.llama import MLP, Attention, LlamaConfig, LlamaModel
+from ferrolm.models.llama import MLP, Attention, LlamaConfig, LlamaModel, token_embedding
 from ferrolm.models.llama import rope_inv_freq as _llama_inv_freq
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -142,7 +142,7 @@ class Gemma3Model(LlamaModel):
     def __init__(self, cfg: Gemma3Config) -> None:
         nn.Module.__init__(self)
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg)
         self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

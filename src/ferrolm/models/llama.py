@@ -84,9 +84,11 @@ class LlamaConfig:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies, with linear or llama3 scaling if the config asks for it."""
+    """Inverse frequencies, with linear or llama3 scaling if the config asks for it; on the
+    CPU (made on the meta device the model is built on, torch.arange imported torch._dynamo:
+    ~3 s of every start-up)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
     if kind == "linear":
@@ -199,11 +201,18 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x, dt, attn))
 
 
+def token_embedding(cfg: LlamaConfig) -> nn.Embedding:
+    """The token table, uninitialised (the loader fills it): nn.Embedding's own normal_
+    init on the meta device the model is built on imports torch._dynamo, as arange does in
+    rope_inv_freq."""
+    return nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = token_embedding(cfg)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

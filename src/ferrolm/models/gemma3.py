@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferrolm.attention import PagedAttention, StepContext
-from ferrolm.models.llama import MLP, Attention, LlamaConfig, LlamaModel, token_embedding
+from ferrolm.models.llama import MLP, Attention, LlamaConfig, LlamaModel, rope_base_freq, token_embedding
 from ferrolm.models.llama import rope_inv_freq as _llama_inv_freq
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -188,5 +188,4 @@ def rope_inv_freq(cfg: Gemma3Config) -> torch.Tensor:
 
 def local_inv_freq(cfg: Gemma3Config) -> torch.Tensor:
     """The local (sliding-window) layers' frequencies: their own base, no scaling."""
-    d = cfg.head_dim
-    return (1.0 / (cfg.rope_local_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))).float()
+    return rope_base_freq(cfg.rope_local_theta, cfg.head_dim).float()

@@ -83,12 +83,15 @@ class LlamaConfig:
         )
 
 
+def rope_base_freq(theta: float, d: int) -> torch.Tensor:
+    """1 / theta^(2i / d), i < d / 2, in fp64 on the CPU (made on the meta device the model is
+    built on, torch.arange imported torch._dynamo: ~3 s of every start-up)."""
+    return 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
+
+
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies, with linear or llama3 scaling if the config asks for it; on the
-    CPU (made on the meta device the model is built on, torch.arange imported torch._dynamo:
-    ~3 s of every start-up)."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
+    """Inverse frequencies, with linear or llama3 scaling if the config asks for it."""
+    inv = rope_base_freq(cfg.rope_theta, cfg.head_dim)
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
     if kind == "linear":

@@ -206,8 +206,7 @@ class DecoderLayer(nn.Module):
 
 def token_embedding(cfg: LlamaConfig) -> nn.Embedding:
     """The token table, uninitialised (the loader fills it): nn.Embedding's own normal_
-    init on the meta device the model is built on imports torch._dynamo, as arange does in
-    rope_inv_freq."""
+    init on the meta device the model is built on imports torch._dynamo (see rope_base_freq)."""
     return nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
 
 

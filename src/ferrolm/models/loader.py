@@ -1,9 +1,10 @@
 """Weights from a .gguf file or a Hugging Face safetensors folder.
 
 GGUF files are read by models/gguf_file.py; tensors not kept as shipped are dequantized
-with the `gguf` package, and all are renamed to Hugging Face names; llama.cpp's converter permutes the rows of Q and K for its rotary layout,
-so those are permuted back. Loaded models are kept in a small cache so that
-several engines in one process (tests, a server restarted in-process) share them.
+with the `gguf` package, and all are renamed to Hugging Face names; llama.cpp's converter
+permutes the rows of Q and K for its rotary layout, so those are permuted back. Loaded
+models are kept in a small cache so that several engines in one process (tests, a server
+restarted in-process) share them.
 """
 
 from __future__ import annotations

@@ -76,16 +76,12 @@ class _Cursor:
     def u64(self) -> int:
         return self.unpack("<Q")[0]
 
-    def raw_string(self) -> bytes:
+    def string(self) -> str:
         n = self.u64()
         if self.pos + n > len(self.buf):
             raise ValueError(f"{self.path.name}: GGUF file ends inside its header")
-        s = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
-        return s
-
-    def string(self) -> str:
-        return self.raw_string().decode("utf-8", errors="replace")
+        return str(self.buf[self.pos - n : self.pos], "utf-8", "replace")
 
     def value(self, kind: int) -> Any:
         if kind == STRING:
@@ -160,7 +156,7 @@ def read_gguf_file(path: str | Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             qtype = GGMLQuantizationType(kind)
         except ValueError:
             raise ValueError(f"{path.name}: tensor {name} has unknown type {kind}") from None
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        n = int(np.prod(dims, dtype=np.int64))
         shape = tuple(reversed(dims))
         if qtype in PLAIN:
             dt, count = np.dtype(PLAIN[qtype]), n

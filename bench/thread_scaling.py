@@ -24,7 +24,8 @@ from collections import defaultdict
 import torch
 
 from ferrolm.data import sample_text
-from ferrolm.eval.bench import BenchConfig, DecodeRun, _ferrolm_engine, prompts_from_text
+from ferrolm.eval.bench import BenchConfig, DecodeRun, bench_engine, prompts_from_text
+from ferrolm.kv.spec import split_specs
 
 
 class _Timed:
@@ -50,7 +51,7 @@ class _Timed:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kv-dtypes", default="fp16,int4", help="KV cache dtypes, comma separated")
+    ap.add_argument("--kv-dtypes", default="fp16,int4", help="KV specs, comma separated (as ferrolm bench)")
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2, help="the many-thread side (the other is one)")
@@ -58,6 +59,10 @@ def main() -> None:
     args = ap.parse_args()
     if min(args.sequences, args.context, args.rounds) < 1 or args.threads < 2:
         ap.error("--sequences, --context and --rounds must be >= 1, --threads >= 2")
+    try:
+        kv_dtypes = split_specs(args.kv_dtypes)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = BenchConfig(
         compute_dtype="auto",
         decode_concurrency=(args.sequences,),
@@ -67,8 +72,8 @@ def main() -> None:
     now: dict[str, float] = {}
     runs: dict[str, DecodeRun] = {}
     try:
-        for kv in args.kv_dtypes.split(","):
-            engine = _ferrolm_engine(cfg, kv)
+        for kv in kv_dtypes:
+            engine = bench_engine(cfg, kv)
             runner = engine.runner
             if runner.plan is None:
                 raise SystemExit("no compiled layer loop here (the compiled kernels are not available)")

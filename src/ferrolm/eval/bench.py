@@ -189,7 +189,9 @@ def _summarise(runs: list[dict]) -> dict:
     return {k: _median([r[k] for r in runs]) for k in runs[0]}
 
 
-def _ferrolm_engine(cfg: BenchConfig, kv: str) -> LLMEngine:
+def bench_engine(cfg: BenchConfig, kv: str) -> LLMEngine:
+    """An engine as `ferrolm bench` runs one: cfg's model and dtypes, KV spec `kv`, room for
+    every concurrency, no prefix caching (also bench/thread_scaling.py's)."""
     return LLMEngine(
         EngineConfig().with_flags(
             dict(
@@ -255,7 +257,7 @@ def _run_llamacpp(cfg, text, tokenizer, prompts, say, results, grid, prefill) ->
 
 def _run_ferrolm(cfg: BenchConfig, kv: str, text: str, say, prefill, want_hf: bool):
     """One KV spec's prefill rows; returns the tokenizer and, when asked, the HF twin."""
-    engine = _ferrolm_engine(cfg, kv)
+    engine = bench_engine(cfg, kv)
     prompts = prompts_from_text(engine.tokenizer, text, max(cfg.concurrency), cfg.prompt_len)
     for n in cfg.prefill_lens:
         say(f"ferrolm kv={kv} prefill {n}")
@@ -277,14 +279,14 @@ def _ferrolm_runs(cfg: BenchConfig, text: str, say) -> list[dict]:
     paired = "fp16" in cfg.kv_dtypes and bool(others)
     prompts = None  # the peers' prompts: the first c of them at concurrency c
     for c in cfg.concurrency:
-        base = _ferrolm_engine(cfg, "fp16") if paired else None
+        base = bench_engine(cfg, "fp16") if paired else None
         for r in range(cfg.repeats):
             for kv in others if paired else cfg.kv_dtypes:
                 say(
                     f"ferrolm kv={kv} concurrency={c} ({r + 1}/{cfg.repeats})"
                     + (", in turns with fp16" if base else "")
                 )
-                engines = [_ferrolm_engine(cfg, kv)] + ([base] if base else [])
+                engines = [bench_engine(cfg, kv)] + ([base] if base else [])
                 if prompts is None:
                     prompts = prompts_from_text(
                         engines[0].tokenizer, text, max(cfg.concurrency), cfg.prompt_len
@@ -324,13 +326,13 @@ def _grid_point(cfg: BenchConfig, text: str, say, c: int, n: int) -> list[dict]:
     VM's speed moves by 20-50% within minutes, far more than a format changes it, and steps
     taken seconds apart see the same machine. fp16's own row: the median of all its steps
     here. Without fp16 in the specs, each runs alone."""
-    base = _ferrolm_engine(cfg, "fp16") if "fp16" in cfg.kv_dtypes else None
+    base = bench_engine(cfg, "fp16") if "fp16" in cfg.kv_dtypes else None
     tokenizer = base.tokenizer if base else None
     turn = max(1, min(4, cfg.decode_steps // 4))  # more steps: more turns, not longer ones
     rows, base_times = [], []
     for kv in (k for k in cfg.kv_dtypes if k != "fp16"):
         say(f"ferrolm kv={kv} decode {c} x {n}" + (", in turns with fp16" if base else ""))
-        engine = _ferrolm_engine(cfg, kv)
+        engine = bench_engine(cfg, kv)
         tokenizer = tokenizer or engine.tokenizer
         prompts = prompts_from_text(tokenizer, text, c, n)
         runs = [DecodeRun(engine, prompts)] + ([DecodeRun(base, prompts)] if base else [])

@@ -28,25 +28,26 @@ from ferrolm.eval.bench import BenchConfig, DecodeRun, bench_engine, prompts_fro
 from ferrolm.kv.spec import split_specs
 
 
-class _Timed:
-    """Stands in for `target`: calls of its method `name` are timed into times[key], the
-    rest passes through (the compiled plan is a TorchScript object: it cannot be patched)."""
+def _timed(fn, key: str, times: dict[str, float]):
+    """fn, its last call's seconds kept in times[key]."""
 
-    def __init__(self, target, name: str, key: str, times: dict[str, float]) -> None:
-        self._target, self._name, self._key, self._times = target, name, key, times
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times[key] = time.perf_counter() - t
+        return out
+
+    return call
+
+
+class _TimedPlan:
+    """The compiled layer loop with its run timed (a TorchScript object: not patchable)."""
+
+    def __init__(self, plan, times: dict[str, float]) -> None:
+        self._plan, self.run = plan, _timed(plan.run, "loop", times)
 
     def __getattr__(self, attr: str):
-        fn = getattr(self._target, attr)
-        if attr != self._name:
-            return fn
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            self._times[self._key] = time.perf_counter() - t
-            return out
-
-        return timed
+        return getattr(self._plan, attr)
 
 
 def main() -> None:
@@ -77,11 +78,9 @@ def main() -> None:
             runner = engine.runner
             if runner.plan is None:
                 raise SystemExit("no compiled layer loop here (the compiled kernels are not available)")
-            runner.plan = _Timed(runner.plan, "run", "loop", now)
+            runner.plan = _TimedPlan(runner.plan, now)
             if "compute_logits" not in vars(runner.model):  # engines share one loaded model
-                runner.model.compute_logits = _Timed(
-                    runner.model, "compute_logits", "head", now
-                ).compute_logits
+                runner.model.compute_logits = _timed(runner.model.compute_logits, "head", now)
             prompts = prompts_from_text(engine.tokenizer, sample_text(), args.sequences, args.context)
             runs[kv] = DecodeRun(engine, prompts)
             runs[kv].steps(4)

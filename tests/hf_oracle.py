@@ -43,7 +43,7 @@ def hf_model_from_gguf(path: Path):
     save_model(model, str(tmp / "model.safetensors"))
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
-    for stale in cache.parent.glob(f"{path.stem}-*"):  # the same file's copies of other keys
+    for stale in cache.parent.glob(f"{path.stem}-" + "?" * 16):  # the same file's other keys
         if stale != cache and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     return model

@@ -49,7 +49,7 @@ def _fill(spec, kvh, d, bs, tables, lens, seed=0, decades=(-3, 2), triton_store=
     """Both pools written with the same keys and values for every position of every
     sequence: by the Triton kernels and by the reference (or both by the reference, where
     only attention is under test: the stores' bytes are equal, checked above, and the
-    interpreter runs one store program per token and head)."""
+    interpreter runs one store program per token)."""
     pools = _pools(spec, kvh, d, 1 + max(max(t) for t in tables), bs)
     meta = AttentionMetadata(tables, [0] * len(lens), lens, bs, DEVICE)
     n = meta.slot_mapping.numel()

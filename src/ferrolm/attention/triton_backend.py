@@ -173,7 +173,7 @@ class TritonBackend:
         if k.stride() != v.stride() or k.stride(-1) != 1:  # one set of strides for both
             k, v = k.contiguous(), v.contiguous()
         ks, vs = self._scale(kh), self._scale(vh)
-        store_kv_kernel[(T, H, 2)](
+        store_kv_kernel[(T,)](
             k,
             v,
             slots,
@@ -189,6 +189,8 @@ class TritonBackend:
             ks.stride(0) if kh.scale is not None else 0,
             vh.data.stride(0),
             vs.stride(0) if vh.scale is not None else 0,
+            H=H,
+            HP=1 << (H - 1).bit_length(),
             D=D,
             K_KIND=format_kind(kh.fmt),
             K_GS=kh.fmt.group_size or D,

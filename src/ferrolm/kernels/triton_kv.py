@@ -70,25 +70,30 @@ def _exact_cast(x, ty: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _fwht(x, D: tl.constexpr, LOG2D: tl.constexpr, NORM: tl.constexpr):
-    """x @ hadamard(D) for one fp32 vector, by the butterflies of attention/hadamard.py's
-    fwht: stages h = 1, 2, 4, ... of (a + b, a - b) on pairs h apart, then one multiply by
-    fp32(1 / sqrt(D)). The same operations in the same order: the same fp32 values, so the
-    stored bytes equal the reference's for rotated formats too."""
+def _fwht(x, HP: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr, NORM: tl.constexpr):
+    """x @ hadamard(D) for each row of an fp32 [HP, D] tile, by the butterflies of
+    attention/hadamard.py's fwht: stages h = 1, 2, 4, ... of (a + b, a - b) on pairs h
+    apart, then one multiply by fp32(1 / sqrt(D)). The same operations in the same order:
+    the same fp32 values, so the stored bytes equal the reference's for rotated formats too."""
     for i in tl.static_range(LOG2D):  # h = 1 << i (a constexpr may not be reassigned)
-        y = tl.permute(tl.reshape(x, (D >> (i + 1), 2, 1 << i)), (0, 2, 1))  # [.., h, 2]: pairs last
+        y = tl.permute(tl.reshape(x, (HP, D >> (i + 1), 2, 1 << i)), (0, 1, 3, 2))  # [.., h, 2]: pairs last
         a, b = tl.split(y)
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (HP, D))
     return x * NORM
 
 
 @triton.jit
-def _store_one(
+def _store_rows(
     x_ptr,
+    x_stride_h,
     data_ptr,
+    data_stride_h,
     scale_ptr,
+    scale_stride_h,
     mids_ptr,
     slot,
+    H: tl.constexpr,
+    HP: tl.constexpr,
     KIND: tl.constexpr,
     D: tl.constexpr,
     GS: tl.constexpr,
@@ -99,37 +104,49 @@ def _store_one(
     NORM: tl.constexpr,
     SOFT: tl.constexpr,
 ):
+    """One token's vectors of every kv head (rows h < H of an [HP, D] tile) quantized into
+    their slot: each row by itself, as KvFormat.quantize does per head."""
+    h = tl.arange(0, HP)
+    ok = h < H
+    hh = h.to(tl.int64)
     d = tl.arange(0, D)
-    x = tl.load(x_ptr + d).to(tl.float32)
+    x = tl.load(x_ptr + hh[:, None] * x_stride_h + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     if ROT:
-        x = _fwht(x, D, LOG2D, NORM)
+        x = _fwht(x, HP, D, LOG2D, NORM)
+    data = data_ptr + hh[:, None] * data_stride_h
     if KIND == 0:
-        tl.store(data_ptr + slot * D + d, _exact_cast(x, data_ptr.dtype.element_ty, SOFT))
+        tl.store(
+            data + slot * D + d[None, :], _exact_cast(x, data_ptr.dtype.element_ty, SOFT), mask=ok[:, None]
+        )
     elif KIND == 1:
-        amax = tl.max(tl.abs(x), axis=0)
+        amax = tl.max(tl.abs(x), axis=1)
         s = tl.minimum(tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE), FP16_MAX).to(tl.float16)
-        q = tl.math.div_rn(x, s.to(tl.float32))
+        q = tl.math.div_rn(x, s.to(tl.float32)[:, None])
         q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
         if ROUNDS:
             q = _round_even(q)
-        tl.store(data_ptr + slot * D + d, _exact_cast(q, data_ptr.dtype.element_ty, SOFT))
-        tl.store(scale_ptr + slot, s)
+        tl.store(
+            data + slot * D + d[None, :], _exact_cast(q, data_ptr.dtype.element_ty, SOFT), mask=ok[:, None]
+        )
+        tl.store(scale_ptr + hh * scale_stride_h + slot, s, mask=ok)
     else:
         NG: tl.constexpr = D // GS
-        x2 = tl.reshape(x, (NG, GS))
-        amax = tl.max(tl.abs(x2), axis=1)
+        x3 = tl.reshape(x, (HP, NG, GS))
+        amax = tl.max(tl.abs(x3), axis=2)
         s = tl.minimum(tl.maximum(tl.math.div_rn(amax, QMAX), MIN_SCALE), FP16_MAX).to(tl.float16)
-        q = tl.math.div_rn(x2, s.to(tl.float32)[:, None])
+        q = tl.math.div_rn(x3, s.to(tl.float32)[:, :, None])
         q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
         if KIND == 2:
             u = (_round_even(q) + 8.0).to(tl.int32)
         else:  # the nearest level's index: how many midpoints lie below q (torch.bucketize)
-            u = tl.zeros((NG, GS), dtype=tl.int32)
+            u = tl.zeros((HP, NG, GS), dtype=tl.int32)
             for i in tl.static_range(15):
                 u += (q > tl.load(mids_ptr + i)).to(tl.int32)
-        lo, hi = tl.split(tl.reshape(u, (D // 2, 2)))
-        tl.store(data_ptr + slot * (D // 2) + tl.arange(0, D // 2), (lo | (hi << 4)).to(tl.uint8))
-        tl.store(scale_ptr + slot * NG + tl.arange(0, NG), s)
+        lo, hi = tl.split(tl.reshape(u, (HP, D // 2, 2)))
+        byte = tl.arange(0, D // 2)
+        tl.store(data + slot * (D // 2) + byte[None, :], (lo | (hi << 4)).to(tl.uint8), mask=ok[:, None])
+        g = tl.arange(0, NG)
+        tl.store(scale_ptr + hh[:, None] * scale_stride_h + slot * NG + g[None, :], s, mask=ok[:, None])
 
 
 @triton.jit
@@ -149,6 +166,8 @@ def store_kv_kernel(
     ks_stride_h,
     vd_stride_h,
     vs_stride_h,
+    H: tl.constexpr,
+    HP: tl.constexpr,
     D: tl.constexpr,
     K_KIND: tl.constexpr,
     K_GS: tl.constexpr,
@@ -164,47 +183,24 @@ def store_kv_kernel(
     NORM: tl.constexpr,
     SOFT: tl.constexpr,
 ):
-    """One program per (new token, kv head, K or V): quantize one vector into its slot."""
+    """One program per new token: its K and V vectors of all H kv heads (HP: H rounded up
+    to a power of 2) quantized into its slot, as vLLM's reshape_and_cache does per token.
+    (One program per token, head and half was 2H times the launches: on a GPU each program
+    then moved a single 64-256-byte row, and the interpreter spent most of an engine
+    test's time starting them.)"""
     t = tl.program_id(0)
-    h = tl.program_id(1)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     if slot < 0:  # a padding row (CUDA-graph batches): nothing to store
         return
-    x_off = t.to(tl.int64) * x_stride_t + h * x_stride_h
-    if tl.program_id(2) == 0:
-        _store_one(
-            k_ptr + x_off,
-            kd_ptr + h * kd_stride_h,
-            ks_ptr + h * ks_stride_h,
-            kmids_ptr,
-            slot,
-            K_KIND,
-            D,
-            K_GS,
-            K_QMAX,
-            K_ROUNDS,
-            K_ROT,
-            LOG2D,
-            NORM,
-            SOFT,
-        )
-    else:
-        _store_one(
-            v_ptr + x_off,
-            vd_ptr + h * vd_stride_h,
-            vs_ptr + h * vs_stride_h,
-            vmids_ptr,
-            slot,
-            V_KIND,
-            D,
-            V_GS,
-            V_QMAX,
-            V_ROUNDS,
-            V_ROT,
-            LOG2D,
-            NORM,
-            SOFT,
-        )
+    x_off = t.to(tl.int64) * x_stride_t
+    _store_rows(
+        k_ptr + x_off, x_stride_h, kd_ptr, kd_stride_h, ks_ptr, ks_stride_h, kmids_ptr, slot,
+        H, HP, K_KIND, D, K_GS, K_QMAX, K_ROUNDS, K_ROT, LOG2D, NORM, SOFT,
+    )  # fmt: skip
+    _store_rows(
+        v_ptr + x_off, x_stride_h, vd_ptr, vd_stride_h, vs_ptr, vs_stride_h, vmids_ptr, slot,
+        H, HP, V_KIND, D, V_GS, V_QMAX, V_ROUNDS, V_ROT, LOG2D, NORM, SOFT,
+    )  # fmt: skip
 
 
 @triton.jit

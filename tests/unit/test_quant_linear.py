@@ -84,14 +84,15 @@ def _q8_head(N: int, K: int, seed: int):
 
 @pytest.mark.parametrize("K", [96, 576, 608])  # 3, 18 and 19 blocks: an odd last pair, scales past 16
 def test_q8_0_head_bf16_products_keep_each_rows_top_exact(K):
-    """bf16 compute's head (16 rows or more, AVX512-BF16 without AMX: x rounded to bf16, every
-    logit that could be its row's maximum recomputed from x; elsewhere the fp32 paths): each
-    logit within x's bf16 rounding of the exact product, each row's maximum x's exact product."""
+    """bf16 compute's head (with AMX from 5 rows: weights and x rounded to bf16; without it
+    from 16 rows, AVX512-BF16: x rounded; every logit that could be its row's maximum then
+    recomputed from x; elsewhere the fp32 paths): each logit within those roundings of the
+    exact product, each row's maximum x's exact product."""
     N = 70  # four tiles of 16 output rows and a partial one
     head = _q8_head(N, K, seed=K)
     head.bf16_products = True
     dense = head.q8.dequantize().double()
-    for rows in (1, 15, 16, 17, 33, 64, 70):
+    for rows in (1, 5, 8, 15, 16, 17, 33, 64, 70):
         x = torch.randn(rows, K) * 3
         exact = x.double() @ dense.t()
         size = x.double().abs() @ dense.abs().t()

@@ -274,7 +274,11 @@ struct Q8Pair {  // one row's pair of blocks, widened to two bf16 vectors
 };
 
 // Per worker thread, for each row of x: the running floor under its maximum (the largest
-// y_n - e_n so far) and the logits that may be it, y_n + e_n >= the floor then (q8_tile_rows).
+// y_n - e_n so far) and the logits that may be it, y_n + e_n >= the floor then. Shared by the
+// heads whose products are approximate (q8_linear_bf16, q8_linear_amx_folded): each logit y_n
+// lies within e_n = sum over its blocks of |d_b| S_b err + 1e-6 of x's exact product (S_b the
+// block's sum|x|, err the path's factor), so the row's maximum is at least max(y_n - e_n), and
+// every logit with y_n + e_n >= that floor is recomputed from x in fp32 (rescore).
 struct HeadTop {
   const float* sb;           // [M][nb]: each block's sum|x|
   const float* smax;         // [M]: the largest of them
@@ -284,6 +288,51 @@ struct HeadTop {
     float e;
   };
   std::vector<Cand> cand;
+
+  // x's block sums |x| (sb [M][nb]) and each row's largest (smax).
+  static void block_sums(const float* x, int64_t M, int64_t K, std::vector<float>& sb, std::vector<float>& smax) {
+    const int64_t nb = K / 32;
+    sb.assign(M * nb, 0.0f);
+    smax.assign(M, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < nb; ++b) {
+        float sum = 0;
+        for (int j = 0; j < 32; ++j) sum += std::fabs(x[m * K + b * 32 + j]);
+        sb[m * nb + b] = sum;
+        smax[m] = std::max(smax[m], sum);
+      }
+  }
+
+  // Row m's logits y (lanes: output rows n0 + lane, `valid` of them) of one 16-row strip:
+  // skipped whole when even the coarse bound err smax dtile (dtile: the strip's largest
+  // sum_b |d_b|) cannot reach the floor; else each lane's bound from ecol (per block, the
+  // lanes' |d_b| err; made() builds it on first use) raises the floor and notes candidates.
+  template <class MakeEcol>
+  void check(int64_t m, int64_t nb, int64_t n0, __m512 y, __mmask16 valid, float err, float dtile, const __m512* ecol,
+             MakeEcol&& made) {
+    if (_mm512_mask_reduce_max_ps(valid, y) + err * smax[m] * dtile + 1e-6f < floor[m]) return;
+    made();
+    const float* s = sb + m * nb;
+    __m512 ev = _mm512_set1_ps(1e-6f);
+    for (int64_t b = 0; b < nb; ++b) ev = _mm512_fmadd_ps(ecol[b], _mm512_set1_ps(s[b]), ev);
+    floor[m] = std::max(floor[m], _mm512_mask_reduce_max_ps(valid, _mm512_sub_ps(y, ev)));
+    __mmask16 k = _mm512_mask_cmp_ps_mask(valid, _mm512_add_ps(y, ev), _mm512_set1_ps(floor[m]), _CMP_GE_OQ);
+    for (; k; k &= k - 1) {
+      const int j = __builtin_ctz(k);
+      cand.push_back({m, n0 + j, bits<v16>(ev)[j]});
+    }
+  }
+
+  // The workers' floors merged, then each candidate still at or above its row's floor
+  // recomputed from x in fp32 (the fp32 GEMV's row) into o [M, N].
+  static void rescore(const std::vector<HeadTop>& tops, const Q8Rows& w, const float* x, int64_t M, int64_t N, float* o) {
+    std::vector<float> floor(M, -INFINITY);
+    for (const HeadTop& ht : tops)
+      for (int64_t m = 0; m < M; ++m) floor[m] = std::max(floor[m], ht.floor[m]);
+    for (const HeadTop& ht : tops)
+      for (const Cand& c : ht.cand)
+        if (o[c.m * N + c.n] + c.e >= floor[c.m]) gemv_rows<1>(w, x + c.m * w.K, c.n, c.n + 1, o + c.m * N, N);
+  }
 };
 
 // Up to PASS rows of x (m0 on) against a tile of `rows` output rows (n0 on). WIDEN (the
@@ -344,27 +393,16 @@ void q8_tile_rows(const Q8Rows& w, int64_t m0, int64_t n0, int rows, Q8Pair* til
     for (int r = rows; r < TILE; ++r) sums[m][r] = v16{};
     const v16 y = reduce16(sums[m]);
     std::memcpy(out + m * N, &y, rows * sizeof(float));
-    const int64_t mm = m0 + m;
-    const __m512 yv = bits<__m512>(y);
     const __mmask16 valid = (__mmask16)((1u << rows) - 1);
-    if (_mm512_mask_reduce_max_ps(valid, yv) + Q8_BF16_ERR * ht.smax[mm] * dtile + 1e-6f < ht.floor[mm]) continue;
-    if (!ecol_made) {
+    ht.check(m0 + m, nb, n0, bits<__m512>(y), valid, Q8_BF16_ERR, dtile, ecol, [&] {
+      if (ecol_made) return;
       for (int64_t b = 0; b < nb; ++b) {
         alignas(64) float col[TILE] = {};  // rows past the tile's end: no bound
         for (int r = 0; r < rows; ++r) col[r] = std::fabs(reinterpret_cast<const float*>(dg + r * groups)[b]);
         ecol[b] = _mm512_mul_ps(_mm512_load_ps(col), _mm512_set1_ps(Q8_BF16_ERR));
       }
       ecol_made = true;
-    }
-    const float* sb = ht.sb + mm * nb;
-    __m512 ev = _mm512_set1_ps(1e-6f);
-    for (int64_t b = 0; b < nb; ++b) ev = _mm512_fmadd_ps(ecol[b], _mm512_set1_ps(sb[b]), ev);
-    ht.floor[mm] = std::max(ht.floor[mm], _mm512_mask_reduce_max_ps(valid, _mm512_sub_ps(yv, ev)));
-    __mmask16 k = _mm512_mask_cmp_ps_mask(valid, _mm512_add_ps(yv, ev), _mm512_set1_ps(ht.floor[mm]), _CMP_GE_OQ);
-    for (; k; k &= k - 1) {
-      const int j = __builtin_ctz(k);
-      ht.cand.push_back({mm, n0 + j, bits<v16>(ev)[j]});
-    }
+    });
   }
 }
 
@@ -380,14 +418,8 @@ void q8_tile_rows(const Q8Rows& w, int64_t m0, int64_t n0, int rows, Q8Pair* til
 at::Tensor q8_linear_bf16(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   const int64_t M = xf.size(0), K = w.K, nb = K / 32, pairs = (nb + 1) / 2, tiles = (N + TILE - 1) / TILE;
   const float* x = xf.data_ptr<float>();
-  std::vector<float> sb(M * nb), smax(M, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < nb; ++b) {
-      float sum = 0;
-      for (int j = 0; j < 32; ++j) sum += std::fabs(x[m * K + b * 32 + j]);
-      sb[m * nb + b] = sum;
-      smax[m] = std::max(smax[m], sum);
-    }
+  std::vector<float> sb, smax;
+  HeadTop::block_sums(x, M, K, sb, smax);
   const at::Tensor xb = xf.to(at::kBFloat16);
   thread_local std::vector<uint16_t> xs;
   prepare_q8_x(static_cast<const uint16_t*>(xb.data_ptr()), M, K, xs);
@@ -415,12 +447,7 @@ at::Tensor q8_linear_bf16(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
         });
     }
   });
-  std::vector<float> floor(M, -INFINITY);
-  for (const HeadTop& ht : tops)
-    for (int64_t m = 0; m < M; ++m) floor[m] = std::max(floor[m], ht.floor[m]);
-  for (const HeadTop& ht : tops)
-    for (const HeadTop::Cand& c : ht.cand)
-      if (o[c.m * N + c.n] + c.e >= floor[c.m]) gemv_rows<1>(w, x + c.m * K, c.n, c.n + 1, o + c.m * N, N);
+  HeadTop::rescore(tops, w, x, M, N, o);
   return out;
 }
 
@@ -888,6 +915,116 @@ at::Tensor q8_linear_amx(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
   });
   return out;
 }
+
+// The Q8_0 head for 5-64 rows with AMX under bf16 compute (bf16_products), approximate and
+// then rescored as q8_linear_bf16 is: a 16-row strip's weights rounded once to bf16 (q d, the
+// block scales inside the tiles) against x rounded to bf16, every block of a row accumulated
+// in the tiles (even blocks in one, odd in another), one store per strip and 16 rows of x.
+// The exact path (amx_q8_strip) pays per block two products (x's two parts), a store and 16
+// FMAs for the block's scales, and waits on each tile's zero-product-store chain: its tile
+// part took 66-131 ns a block on the AMX Xeon VM, this one's 30 (a standalone loop of each,
+// alternating). Each logit lies within sum_b 128 |d_b| S_b (2^-9 for the weight's rounding,
+// 2^-9 for x's, 2^-18 for both, 2^-13 for the fp32 accumulation: < 2^-8 + 2^-12) + 1e-6 of
+// x's exact product, and every logit that could be its row's maximum is recomputed from x.
+constexpr float Q8_AMX_FOLD_ERR = 128.0f * (1.0f / 256 + 1.0f / 4096);
+
+void amx_q8_folded_strip(const Q8Rows& w, const uint32_t* xt, int64_t M, int64_t n0, int64_t N, uint16_t* a,
+                         float* dsc, __m512* ecol, float* o, HeadTop& ht) {
+  const int64_t K = w.K, nb = K / 32, MT = (M + 15) / 16, n_here = std::min<int64_t>(16, N - n0);
+  float dtile = 0;  // the strip's largest sum_b |d_b|
+  for (int r = 0; r < 16; ++r) {
+    float* d = dsc + r * nb;
+    const bool here = r < n_here;
+    if (n0 + 16 + r < N) {  // the next strip's row, into L2 (more misses in flight than into L1)
+      const char* q = reinterpret_cast<const char*>(w.qw + (n0 + 16 + r) * K);
+      for (int64_t off = 0; off < K; off += 64) _mm_prefetch(q + off, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w.sc + (n0 + 16 + r) * nb), _MM_HINT_T1);
+    }
+    const c10::Half* sp = w.sc + (n0 + r) * nb;
+    int64_t kb = 0;
+    for (; here && kb + 16 <= nb; kb += 16) store16(d + kb, from_f16(sp + kb));
+    for (; kb < nb; ++kb) d[kb] = here ? half_to_float(sp[kb]) : 0.0f;
+    const int8_t* p = w.qw + (n0 + r) * K;
+    float dsum = 0;
+    for (kb = 0; kb < nb; ++kb) {
+      __m512i row = _mm512_setzero_si512();
+      if (here) {
+        const __m512 db = _mm512_set1_ps(d[kb]);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kb * 32))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kb * 32 + 16))));
+        row = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, db), _mm512_mul_ps(lo, db));
+        dsum += std::fabs(d[kb]);
+      }
+      _mm512_storeu_si512(a + r * K + kb * 32, row);
+    }
+    dtile = std::max(dtile, dsum);
+  }
+  bool ecol_made = false;
+  const auto make_ecol = [&] {
+    if (ecol_made) return;
+    for (int64_t b = 0; b < nb; ++b) {
+      alignas(64) float col[16];
+      for (int r = 0; r < 16; ++r) col[r] = std::fabs(dsc[r * nb + b]);  // rows past N: 0
+      ecol[b] = _mm512_mul_ps(_mm512_load_ps(col), _mm512_set1_ps(Q8_AMX_FOLD_ERR));
+    }
+    ecol_made = true;
+  };
+  const __mmask16 valid = __mmask16((1u << n_here) - 1);
+  alignas(64) float c0[256], c1[256];
+  for (int64_t mt = 0; mt < MT; ++mt) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kb = 0; kb < nb; kb += 2) {
+      _tile_loadd(2, a + kb * 32, K * 2);
+      _tile_loadd(4, xt + (kb * MT + mt) * 256, 64);
+      _tile_dpbf16ps(0, 2, 4);
+      if (kb + 1 < nb) {
+        _tile_loadd(3, a + (kb + 1) * 32, K * 2);
+        _tile_loadd(5, xt + ((kb + 1) * MT + mt) * 256, 64);
+        _tile_dpbf16ps(1, 3, 5);
+      }
+    }
+    _tile_stored(0, c0, 64);
+    _tile_stored(1, c1, 64);
+    v16 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = load16(c0 + r * 16) + load16(c1 + r * 16);
+    transpose16(acc);  // acc[r] lane c = y[16 mt + c][n0 + r] -> acc[c] lane r
+    for (int64_t c = 0; c < 16 && 16 * mt + c < M; ++c) {
+      const __m512 y = bits<__m512>(acc[c]);
+      _mm512_mask_storeu_ps(o + (16 * mt + c) * N + n0, valid, y);
+      ht.check(16 * mt + c, nb, n0, y, valid, Q8_AMX_FOLD_ERR, dtile, ecol, make_ecol);
+    }
+  }
+}
+
+at::Tensor q8_linear_amx_folded(const at::Tensor& xf, const Q8Rows& w, int64_t N) {
+  const int64_t M = xf.size(0), K = w.K, MT = (M + 15) / 16;
+  TORCH_CHECK(K <= Q8_BF16_MAX_K, "the folded head's bound covers K <= ", Q8_BF16_MAX_K);
+  const float* x = xf.data_ptr<float>();
+  std::vector<float> sb, smax;
+  HeadTop::block_sums(x, M, K, sb, smax);
+  const at::Tensor xb = xf.to(at::kBFloat16);
+  thread_local std::vector<uint32_t> xt;
+  prepare_xt(static_cast<const uint16_t*>(xb.data_ptr()), M, K, MT, xt);
+  const uint32_t* xp = xt.data();  // thread_local: captured by pointer
+  at::Tensor out = at::empty({M, N}, xf.options());
+  float* o = out.data_ptr<float>();
+  std::vector<HeadTop> tops(at::get_num_threads(), HeadTop{sb.data(), smax.data(), std::vector<float>(M, -INFINITY), {}});
+  const int64_t strips = (N + 15) / 16, threads = at::get_num_threads();
+  claim_chunks(strips, std::max<int64_t>(1, strips / (8 * threads)), threads, [&](auto&& run) {
+    load_full_tiles();
+    std::vector<uint16_t> a(16 * K);
+    std::vector<float> dsc(16 * (K / 32));
+    __m512 ecol[Q8_BF16_MAX_K / 32];
+    HeadTop& ht = tops[at::get_thread_num()];
+    run([&](int64_t lo, int64_t hi, int64_t) {
+      for (int64_t nt = lo; nt < hi; ++nt) amx_q8_folded_strip(w, xp, M, nt * 16, N, a.data(), dsc.data(), ecol, o, ht);
+    });
+    _tile_release();
+  });
+  HeadTop::rescore(tops, w, x, M, N, o);
+  return out;
+}
 #endif
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -942,11 +1079,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
 }
 
 // The tied output head of the default model: a quarter of the bytes an fp32 head reads.
-// bf16_products (bf16 compute): from Q8_BF16_MIN_ROWS rows on and without AMX, the products
-// over x rounded to bf16 (0.69x the time at 64 rows, AVX512-BF16) with the logits that could
-// be a row's maximum recomputed from x (q8_linear_bf16); below that and on other CPUs, x in
-// fp32 (the fp32 GEMV: 1.2-1.3x faster than bf16 products at 1-4 rows, where the head is
-// bound by memory) or in two bf16 parts (AMX).
+// bf16_products (bf16 compute): products over x rounded to bf16 with the logits that could
+// be a row's maximum recomputed from x: with AMX above GEMV_MAX_ROWS rows, weights rounded
+// to bf16 too (q8_linear_amx_folded); without it from Q8_BF16_MIN_ROWS rows on (0.69x the
+// time at 64 rows, AVX512-BF16; q8_linear_bf16). Otherwise x in fp32 (the fp32 GEMV: 1.2-1.3x
+// faster than bf16 products at 1-4 rows, where the head is bound by memory) or in two bf16
+// parts (AMX, exact weights: fp32 compute).
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, bool bf16_products) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   const int64_t K = x.size(1), N = codes.size(0);
@@ -955,10 +1093,11 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   const at::Tensor xf = x.to(at::kFloat).contiguous();
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
   if (xf.size(0) > GEMV_MAX_ROWS && amx_ready()) {
-    if (xf.size(0) <= 64) return q8_linear_amx(xf, w, N);
+    const auto head = bf16_products && K <= Q8_BF16_MAX_K ? q8_linear_amx_folded : q8_linear_amx;
+    if (xf.size(0) <= 64) return head(xf, w, N);
     std::vector<at::Tensor> parts;
     for (int64_t m0 = 0; m0 < xf.size(0); m0 += 64)
-      parts.push_back(q8_linear_amx(xf.narrow(0, m0, std::min<int64_t>(64, xf.size(0) - m0)), w, N));
+      parts.push_back(head(xf.narrow(0, m0, std::min<int64_t>(64, xf.size(0) - m0)), w, N));
     return at::cat(parts);
   }
 #endif

@@ -117,11 +117,12 @@ def q8_from_gguf(raw: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
 class Q8Linear(nn.Module):
     """y = x W^T in fp32 (W kept as Q8_0): the output head of a GGUF that ships it so.
 
-    With `bf16_products` (set for bf16 compute), batches of 16 rows or more may run on x
-    rounded to bf16 where the CPU has AVX512-BF16, with every logit that could be its row's
-    maximum recomputed from x in fp32 (kernels/quant_linear.cpp, q8_linear_bf16): the top of
-    each row, and so greedy choices, are x's exact products; the rest lie within a bound of
-    about 2^-8 |w| . |x| of them."""
+    With `bf16_products` (set for bf16 compute), batches of 5 rows or more run on weights and
+    x rounded to bf16 where the CPU has AMX (16 rows or more on x rounded to bf16 where it has
+    AVX512-BF16 alone), with every logit that could be its row's maximum recomputed from x in
+    fp32 (kernels/quant_linear.cpp, q8_linear_amx_folded, q8_linear_bf16): the top of each row,
+    and so greedy choices, are x's exact products; the rest lie within a bound of about
+    2^-8 |w| . |x| of them."""
 
     def __init__(self, weight: Q8Weight) -> None:
         super().__init__()

@@ -62,6 +62,15 @@ struct Q8Rows {
     for (int64_t off = 0; off < K; off += 64) __builtin_prefetch(p + off);
     __builtin_prefetch(sc + n * (K / 32));
   }
+  // Row n's block scales as fp32 into d [K / 32], 16 per conversion (zeros for a row past
+  // the matrix: here false).
+  void row_scales(int64_t n, bool here, float* d) const {
+    const int64_t nb = K / 32;
+    const c10::Half* sp = sc + n * nb;
+    int64_t kb = 0;
+    for (; here && kb + 16 <= nb; kb += 16) store16(d + kb, from_f16(sp + kb));
+    for (; kb < nb; ++kb) d[kb] = here ? half_to_float(sp[kb]) : 0.0f;
+  }
 };
 
 // Rows stream from memory once per step (the weights are far larger than the caches), in
@@ -817,12 +826,9 @@ void amx_q8_strip(const Q8Rows& w, const uint32_t* xh, const uint32_t* xl, int64
   for (int r = 0; r < 16; ++r) {
     float* d = dsc + r * nb;  // the row's block scales, 16 per conversion
     const bool here = n0 + r < N;
-    const c10::Half* sp = w.sc + (n0 + r) * nb;
-    int64_t kb = 0;
-    for (; here && kb + 16 <= nb; kb += 16) store16(d + kb, from_f16(sp + kb));
-    for (; kb < nb; ++kb) d[kb] = here ? half_to_float(sp[kb]) : 0.0f;
+    w.row_scales(n0 + r, here, d);
     const int8_t* p = w.qw + (n0 + r) * K;
-    for (kb = 0; kb < nb; ++kb) {
+    for (int64_t kb = 0; kb < nb; ++kb) {
       __m512i row = _mm512_setzero_si512();
       if (here) {
         const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kb * 32))));
@@ -940,13 +946,10 @@ void amx_q8_folded_strip(const Q8Rows& w, const uint32_t* xt, int64_t M, int64_t
       for (int64_t off = 0; off < K; off += 64) _mm_prefetch(q + off, _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(w.sc + (n0 + 16 + r) * nb), _MM_HINT_T1);
     }
-    const c10::Half* sp = w.sc + (n0 + r) * nb;
-    int64_t kb = 0;
-    for (; here && kb + 16 <= nb; kb += 16) store16(d + kb, from_f16(sp + kb));
-    for (; kb < nb; ++kb) d[kb] = here ? half_to_float(sp[kb]) : 0.0f;
+    w.row_scales(n0 + r, here, d);
     const int8_t* p = w.qw + (n0 + r) * K;
     float dsum = 0;
-    for (kb = 0; kb < nb; ++kb) {
+    for (int64_t kb = 0; kb < nb; ++kb) {
       __m512i row = _mm512_setzero_si512();
       if (here) {
         const __m512 db = _mm512_set1_ps(d[kb]);

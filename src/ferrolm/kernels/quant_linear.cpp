@@ -57,10 +57,12 @@ struct Q8Rows {
     w0 = from_i8(p) * d;
     w1 = from_i8(p + 16) * d;
   }
+  // Row n's codes and scales asked for, into L1 (LOCALITY 3) or L2 (2: more misses in flight).
+  template <int LOCALITY = 3>
   void prefetch(int64_t n) const {
     const char* p = reinterpret_cast<const char*>(qw + n * K);
-    for (int64_t off = 0; off < K; off += 64) __builtin_prefetch(p + off);
-    __builtin_prefetch(sc + n * (K / 32));
+    for (int64_t off = 0; off < K; off += 64) __builtin_prefetch(p + off, 0, LOCALITY);
+    __builtin_prefetch(sc + n * (K / 32), 0, LOCALITY);
   }
   // Row n's block scales as fp32 into d [K / 32], 16 per conversion (zeros for a row past
   // the matrix: here false).
@@ -941,11 +943,7 @@ void amx_q8_folded_strip(const Q8Rows& w, const uint32_t* xt, int64_t M, int64_t
   for (int r = 0; r < 16; ++r) {
     float* d = dsc + r * nb;
     const bool here = r < n_here;
-    if (n0 + 16 + r < N) {  // the next strip's row, into L2 (more misses in flight than into L1)
-      const char* q = reinterpret_cast<const char*>(w.qw + (n0 + 16 + r) * K);
-      for (int64_t off = 0; off < K; off += 64) _mm_prefetch(q + off, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(w.sc + (n0 + 16 + r) * nb), _MM_HINT_T1);
-    }
+    if (n0 + 16 + r < N) w.prefetch<2>(n0 + 16 + r);  // the next strip's row, into L2
     w.row_scales(n0 + r, here, d);
     const int8_t* p = w.qw + (n0 + r) * K;
     float dsum = 0;

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup model run test test-unit lint clean peers
+.PHONY: setup model run test test-unit lint clean peers gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,18 @@ test-unit: setup
 # The peers of `ferrolm bench --baseline llama.cpp`: llama-cpp-python built for this CPU.
 peers: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -e '.[llamacpp]'
+
+# Wheels of the project's small pure dependencies for bench/gpu_check.sh on a GPU machine
+# that has torch and triton but no network (Python 3.10-3.13; pydantic-core and PyYAML
+# are built per version), at this venv's versions.
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection typing-extensions gguf pyyaml tqdm tomli-w click
+gpu-wheels: setup
+	rm -rf .whl
+	for v in 3.10 3.11 3.12 3.13; do \
+		$(BIN)/pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+			--platform manylinux_2_17_x86_64 --python-version $$v -d .whl \
+			$$($(BIN)/pip freeze | grep -i -E "^($$(echo $(GPU_WHEELS) | sed 's/ /|/g' | sed 's/-/[-_]/g'))==") || exit 1; \
+	done
 
 lint: setup
 	$(BIN)/ruff check .

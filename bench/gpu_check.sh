@@ -6,16 +6,20 @@
 #    store bytes, shapes, splits, rotation) and the tiny-model HF parity test on CUDA;
 # 2. decode tokens/s for every KV format on random weights with SmolLM2-135M's and
 #    Llama-3.2-1B's shapes, at 1/16/64/256 sequences x 1k/8k contexts.
-# Needs the project's Python dependencies that such a machine may lack (pydantic): put
-# their wheels in .whl/ and they are installed to /tmp/site first.
+# Needs the project's Python dependencies that such a machine may lack (pydantic): `make
+# gpu-wheels` here puts them in .whl/ (for Python 3.10-3.13: the device's version is not
+# known in advance), `run` carries it (carry [".whl"]), and the wheels for the device's
+# Python are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
+    # by name, so that pip picks each one's wheel for this Python among the versions there
+    names=$(ls .whl/*.whl | sed 's#.*/##; s/-.*//' | sort -u)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+        --find-links .whl --target /tmp/site $names && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 start=$(date +%s)
 {

@@ -106,7 +106,10 @@ def make_llm(config: EngineConfig):
 
 
 @app.command()
-@run_option("--prompt", default=None, help="Prompt text; without it, an interactive chat starts.")
+@click.argument("text", required=False, metavar="[PROMPT]")
+@run_option(
+    "--prompt", default=None, help="Prompt text (or PROMPT); without either, an interactive chat starts."
+)
 @run_option("--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
 @run_option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @run_option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass.")
@@ -119,10 +122,13 @@ def make_llm(config: EngineConfig):
     "--json", "as_json", is_flag=True, default=False, help="Print a JSON object with text and token_ids."
 )
 @engine_options()
-def run(prompt, max_tokens, temperature, top_p, top_k, seed, chat, as_json, config) -> None:
-    """Generate a completion for a prompt, or chat interactively."""
+def run(text, prompt, max_tokens, temperature, top_p, top_k, seed, chat, as_json, config) -> None:
+    """Generate a completion for PROMPT (or --prompt), or chat interactively without one."""
     from ferrolm.engine.sampling_params import SamplingParams
 
+    if text is not None and prompt is not None:
+        fail("give the prompt once: as PROMPT or as --prompt, not both")
+    prompt = text if text is not None else prompt
     try:
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed

@@ -21,6 +21,16 @@ def test_run_json(tiny_args):
     assert set(out) >= {"text", "token_ids"} and len(out["token_ids"]) <= 5
 
 
+def test_run_prompt_as_argument(tiny_args):
+    args = ["--max-tokens", "4", "--json", *tiny_args]
+    by_flag = runner.invoke(app, ["run", "--prompt", "The people", *args])
+    by_arg = runner.invoke(app, ["run", "The people", *args])
+    assert by_flag.exit_code == 0 and by_arg.exit_code == 0, by_arg.output
+    assert json.loads(by_arg.stdout.splitlines()[-1]) == json.loads(by_flag.stdout.splitlines()[-1])
+    both = runner.invoke(app, ["run", "The people", "--prompt", "x", *args])
+    assert both.exit_code != 0 and "not both" in both.output
+
+
 def test_kv_dtype_from_env_and_flag(tiny_args, monkeypatch):
     monkeypatch.setenv("FERROLM_KV_CACHE_DTYPE", "nonsense")
     res = runner.invoke(app, ["run", "--prompt", "x", "--max-tokens", "2", *tiny_args])

@@ -37,12 +37,16 @@ SOURCES = [
         "attention_decode_8bit.cpp",
         "attention_decode_16bit.cpp",
         "cpu_attention.cpp",
-        "quant_linear.cpp",
+        "q4_linear.cpp",
+        "q8_head.cpp",
         "layer_ops.cpp",
         "decoder.cpp",
     )
 ]
-HEADERS = [HERE / f for f in ("simd.h", "ops.h", "claim.h", "attention_common.h", "attention_decode.h")]
+HEADERS = [
+    HERE / f
+    for f in ("simd.h", "ops.h", "claim.h", "attention_common.h", "attention_decode.h", "quant_rows.h")
+]
 
 
 # -fopenmp: at::parallel_for is inline and runs serially without it; the extension then

@@ -3,7 +3,7 @@
 A Q4_1 block of 32 weights is (d, m, 32 codes q in 0..15) with w = d q + m; Q4_0 is
 w = d (q - 8), i.e. m = -8 d. Both are held as codes packed two per byte, plus fp16 d
 and m per block (0.5625-0.625 bytes per weight instead of 4), and multiplied by the
-compiled kernel (kernels/quant_linear.cpp: q4_linear), which dequantizes exactly as
+compiled kernel (kernels/q4_linear.cpp: q4_linear), which dequantizes exactly as
 GGUF does and accumulates in fp32: a fused GEMV over the exact weights for a few rows; for
 more rows of bf16 x, tiles of the weights rounded to bf16 (AMX, or AVX512-BF16 dot
 products, up to 64 rows); above that, or for fp32 x, dequantize into a reused matrix and
@@ -120,7 +120,7 @@ class Q8Linear(nn.Module):
     With `bf16_products` (set for bf16 compute), batches of 5 rows or more run on weights and
     x rounded to bf16 where the CPU has AMX (16 rows or more on x rounded to bf16 where it has
     AVX512-BF16 alone), with every logit that could be its row's maximum recomputed from x in
-    fp32 (kernels/quant_linear.cpp, q8_linear_amx_folded, q8_linear_bf16): the top of each row,
+    fp32 (kernels/q8_head.cpp, q8_linear_amx_folded, q8_linear_bf16): the top of each row,
     and so greedy choices, are x's exact products; the rest lie within a bound of about
     2^-8 |w| . |x| of them."""
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device checks of the CUDA backend, for a GPU machine with torch and triton preinstalled
-# and nothing reachable from it (bench/README: how it ran). From the repository root:
+# and nothing reachable from it (how it ran: README, "On NVIDIA GPUs"). From the repository root:
 #   bash bench/gpu_check.sh            # logs and bench/gpu_decode.py's JSON under $OUT
 # 1. the Triton kernel tests on the GPU (every format pair against the torch reference,
 #    store bytes, shapes, splits, rotation) and the tiny-model HF parity test on CUDA;

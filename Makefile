@@ -49,7 +49,8 @@ gpu-wheels: setup
 	for v in 3.10 3.11 3.12 3.13; do \
 		$(BIN)/pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
 			--platform manylinux_2_17_x86_64 --python-version $$v -d .whl \
-			$$($(BIN)/pip freeze | grep -i -E "^($$(echo $(GPU_WHEELS) | sed 's/ /|/g' | sed 's/-/[-_]/g'))==") || exit 1; \
+			$$($(BIN)/python -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))") \
+			|| exit 1; \
 	done
 
 lint: setup
